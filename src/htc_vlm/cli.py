@@ -1,0 +1,91 @@
+"""The ``htc-vlm`` command line: parses options and calls the library, nothing more."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from .errors import HTCError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="htc-vlm: one visual token per image (Hybrid Token Compression for VLMs).")
+data_app = typer.Typer(no_args_is_help=True, help="Generate the embedded scene benchmark and its tokenizer.")
+app.add_typer(data_app, name="data")
+console = Console(stderr=True)
+
+
+def progress_bar() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
+
+
+@data_app.command("scenes")
+def data_scenes(
+    out: Annotated[Path, typer.Option(help="Output folder (must be empty or absent).")],
+    train: Annotated[int, typer.Option(help="Number of training scenes.")] = 2000,
+    test: Annotated[int, typer.Option(help="Number of test scenes.")] = 500,
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed writes the same bytes.")] = 0,
+    size: Annotated[int, typer.Option(help="Image side in pixels (64 for the tiny preset, 336 for CLIP-L/336).")] = 64,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
+) -> None:
+    """Write the scene benchmark: images, LLaVA training files, per-family test questions, tokenizer."""
+    from .data.scenes import write_benchmark
+    from .data.tokenizer import save_tokenizer
+    from .io import atomic_dir
+
+    if train <= 0 or test <= 0 or size < 24:  # checked before any folder is made
+        raise HTCError(f"--train and --test must be positive and --size at least 24, got {train}, {test}, {size}")
+    with atomic_dir(out, overwrite) as tmp, progress_bar() as bar:
+        task = bar.add_task("rendering scenes", total=train + test)
+        meta = write_benchmark(tmp, train, test, seed, size, progress=lambda: bar.advance(task))
+        save_tokenizer(tmp / "tokenizer")
+    console.print(f"wrote {train} train and {test} test scenes to {out}: " +
+                  ", ".join(f"{k} {v}" for k, v in meta["questions"].items()))
+
+
+@data_app.command("tokenizer")
+def data_tokenizer(
+    out: Annotated[Path, typer.Option(help="Output folder for the tokenizer.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
+) -> None:
+    """Write the embedded default's word-level tokenizer (transformers format, no network)."""
+    from .data.tokenizer import save_tokenizer
+    from .io import atomic_dir
+
+    with atomic_dir(out, overwrite) as tmp:
+        tok = save_tokenizer(tmp)
+    console.print(f"wrote a {len(tok)}-token tokenizer to {out}")
+
+
+@app.command()
+def reproduce(
+    out: Annotated[Path, typer.Option(help="Run folder; finished stages are skipped when run again.")] = Path("runs/tiny"),
+    preset: Annotated[str, typer.Option(help="Preset of the run.")] = "tiny",
+    quick: Annotated[bool, typer.Option(help="Fewer scenes and steps (the CI smoke run).")] = False,
+    only: Annotated[list[str] | None, typer.Option(help="Run only these stages (repeatable).")] = None,
+) -> None:
+    """Run the paper's pipeline on the embedded default, stage by stage, resuming where it stopped."""
+    from .reproduce import run
+
+    run(out, preset=preset, quick=quick, only=only, console=console)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; ``main(argv)`` is callable from tests. Bad input: one ``error:`` line, exit 2."""
+    try:
+        app(args=argv, prog_name="htc-vlm")  # standalone: usage errors print and exit 2 themselves
+    except HTCError as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        return 2
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,455 @@
+"""The generated scene benchmark: the embedded data that lets the whole paper run on a CPU.
+
+A scene is 1-4 objects on a 3x3 grid. Each object has a shape, colour, texture and size, and sits
+in its own grid cell (with a little jitter inside the cell). Shapes within a scene are distinct,
+so "the circle" always names one object.
+
+Question families mirror the paper's benchmarks; every question is tagged ``semantic`` (identity,
+existence, counting, relations) or ``detail`` (colour, texture, size, exact position):
+
+=========================  ======================================  ==============================
+family                     mirrors                                 answer
+=========================  ======================================  ==============================
+``open``                   VQAv2 / GQA (open-ended short answers)  a word or a digit
+``pope_{random,...}``      POPE (object existence, 3 negatives)    yes / no
+``mme``                    MME (two paired yes/no per image)       yes / no, scored acc and acc+
+``mc``                     MMBench / SEED / ScienceQA-IMG          a letter A-D; options rotatable
+=========================  ======================================  ==============================
+
+Answers are balanced by construction (a referent, a truth value or a letter is drawn uniformly),
+so a blind model that answers each template's most frequent answer scores near chance; a test
+checks that. Files use the LLaVA ecosystem's formats (see :func:`write_benchmark`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from collections import Counter
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from ..errors import HTCError
+
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+COLORS = {
+    "red": (215, 38, 38),
+    "green": (36, 160, 60),
+    "blue": (40, 80, 215),
+    "yellow": (230, 200, 20),
+    "purple": (140, 50, 180),
+    "orange": (240, 130, 20),
+}
+TEXTURES = ("solid", "striped", "dotted")
+SIZES = ("small", "large")
+GRID = 3
+POSITIONS = (
+    "top left", "top middle", "top right",
+    "middle left", "center", "middle right",
+    "bottom left", "bottom middle", "bottom right",
+)  # row-major: POSITIONS[row * GRID + col]
+BACKGROUND = (238, 238, 238)
+MAX_OBJECTS = 4
+
+IMAGE_TOKEN = "<image>"
+MME_SUFFIX = " Please answer yes or no."
+MC_SUFFIX = "Answer with the option's letter from the given choices directly."
+LETTERS = ("A", "B", "C", "D")
+CAPTION_PROMPT = "Describe the image briefly."
+FORMAT_VERSION = 1
+
+# The answer space of each question template: chance = 1 / len(space) for open questions.
+ANSWER_SPACES: dict[str, tuple[str, ...]] = {
+    "open/shape_at": SHAPES,
+    "open/count": ("1", "2", "3", "4"),
+    "open/color": tuple(COLORS),
+    "open/texture": TEXTURES,
+    "open/size": SIZES,
+    "open/where": POSITIONS,
+    "open/left_of": ("yes", "no"),
+    "open/exists": ("yes", "no"),
+}
+TAGS = {
+    "shape_at": "semantic", "count": "semantic", "exists": "semantic", "left_of": "semantic",
+    "color": "detail", "texture": "detail", "size": "detail", "where": "detail", "position": "detail",
+}
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    shape: str
+    color: str
+    texture: str
+    size: str
+    row: int
+    col: int
+    x: int  # top-left pixel of the sprite
+    y: int
+
+    @property
+    def position(self) -> str:
+        return POSITIONS[self.row * GRID + self.col]
+
+    @property
+    def category(self) -> str:
+        """The POPE-style object category: ``"red circle"``."""
+        return f"{self.color} {self.shape}"
+
+    def describe(self) -> str:
+        return f"a {self.size} {self.color} {self.texture} {self.shape} at the {self.position}"
+
+
+@dataclass(frozen=True)
+class Scene:
+    id: str
+    objects: tuple[SceneObject, ...]
+
+    @property
+    def image(self) -> str:
+        return f"{self.id}.png"
+
+    def by_shape(self, shape: str) -> SceneObject:
+        return next(o for o in self.objects if o.shape == shape)
+
+    def caption(self) -> str:
+        parts = [o.describe() for o in sorted(self.objects, key=lambda o: (o.row, o.col))]
+        return ", ".join(parts) + "."
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "image": self.image, "objects": [asdict(o) | {"position": o.position} for o in self.objects]}
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def _sprite_sizes(image_size: int) -> dict[str, int]:
+    cell = image_size // GRID
+    return {"large": max(6, round(cell * 0.86)), "small": max(4, round(cell * 0.55))}
+
+
+@lru_cache(maxsize=None)
+def _mask(shape: str, side: int) -> Image.Image:
+    m = Image.new("L", (side, side), 0)
+    d = ImageDraw.Draw(m)
+    e = side - 1
+    if shape == "circle":
+        d.ellipse((0, 0, e, e), fill=255)
+    elif shape == "square":
+        pad = round(side * 0.08)
+        d.rectangle((pad, pad, e - pad, e - pad), fill=255)
+    elif shape == "triangle":
+        d.polygon([(e / 2, 0), (e, e), (0, e)], fill=255)
+    elif shape == "diamond":
+        d.polygon([(e / 2, 0), (e, e / 2), (e / 2, e), (0, e / 2)], fill=255)
+    elif shape == "cross":
+        t = max(1, round(side * 0.3))
+        lo = (side - t) // 2
+        d.rectangle((lo, 0, lo + t - 1, e), fill=255)
+        d.rectangle((0, lo, e, lo + t - 1), fill=255)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+    return m
+
+
+@lru_cache(maxsize=None)
+def _pattern(color: str, texture: str, side: int, image_size: int) -> Image.Image:
+    rgb = COLORS[color]
+    p = Image.new("RGB", (side, side), rgb)
+    d = ImageDraw.Draw(p)
+    unit = max(1, round(image_size / 64))  # stripe / dot width scales with the image
+    light = (255, 255, 255)
+    if texture == "striped":
+        for y0 in range(unit, side, 4 * unit):
+            d.rectangle((0, y0, side - 1, y0 + unit - 1), fill=light)
+    elif texture == "dotted":
+        for y0 in range(unit, side, 3 * unit):
+            for x0 in range(unit, side, 3 * unit):
+                d.rectangle((x0, y0, x0 + unit - 1, y0 + unit - 1), fill=light)
+    elif texture != "solid":
+        raise ValueError(f"unknown texture {texture!r}; known: {', '.join(TEXTURES)}")
+    return p
+
+
+def render(scene: Scene, image_size: int) -> Image.Image:
+    """Draw a scene as an RGB image of ``image_size`` x ``image_size`` pixels."""
+    img = Image.new("RGB", (image_size, image_size), BACKGROUND)
+    sides = _sprite_sizes(image_size)
+    for o in scene.objects:
+        side = sides[o.size]
+        img.paste(_pattern(o.color, o.texture, side, image_size), (o.x, o.y), _mask(o.shape, side))
+    return img
+
+
+def sample_scene(rng: random.Random, scene_id: str, image_size: int) -> Scene:
+    n = rng.randint(1, MAX_OBJECTS)
+    cells = rng.sample(range(GRID * GRID), n)
+    shapes = rng.sample(SHAPES, n)
+    cell = image_size // GRID
+    sides = _sprite_sizes(image_size)
+    objects = []
+    for c, shape in zip(cells, shapes):
+        size = rng.choice(SIZES)
+        slack = cell - sides[size]
+        row, col = divmod(c, GRID)
+        objects.append(SceneObject(
+            shape=shape, color=rng.choice(tuple(COLORS)), texture=rng.choice(TEXTURES), size=size,
+            row=row, col=col, x=col * cell + rng.randint(0, slack), y=row * cell + rng.randint(0, slack),
+        ))
+    return Scene(scene_id, tuple(objects))
+
+
+# ----------------------------------------------------------------------------- questions
+
+
+def _other(rng: random.Random, values, exclude) -> str:
+    return rng.choice([v for v in values if v not in exclude])
+
+
+def _q(template: str, text: str, answer: str, **extra) -> dict:
+    kind = template.split("/", 1)[1].split(":")[0]
+    return {"template": template, "text": text, "answer": answer, "tag": TAGS[kind], **extra}
+
+
+def _open_questions(scene: Scene, rng: random.Random) -> dict[str, dict]:
+    """One candidate question per applicable open-ended template (VQAv2 / GQA style)."""
+    o = rng.choice(scene.objects)
+    present = {x.shape for x in scene.objects}
+    qs = {
+        "shape_at": _q("open/shape_at", f"What shape is at the {o.position}?", o.shape),
+        "count": _q("open/count", "How many objects are there?", str(len(scene.objects))),
+        "color": _q("open/color", f"What color is the {o.shape}?", o.color),
+        "texture": _q("open/texture", f"What texture does the {o.shape} have?", o.texture),
+        "size": _q("open/size", f"What size is the {o.shape}?", o.size),
+        "where": _q("open/where", f"Where is the {o.shape}?", o.position),
+    }
+    shape = o.shape if rng.random() < 0.5 else _other(rng, SHAPES, present)
+    qs["exists"] = _q("open/exists", f"Is there a {shape} in the image?", "yes" if shape in present else "no")
+    pairs = [(a, b) for a in scene.objects for b in scene.objects if a.col < b.col]
+    if pairs:
+        a, b = rng.choice(pairs)
+        if rng.random() < 0.5:
+            a, b = b, a
+        qs["left_of"] = _q("open/left_of", f"Is the {a.shape} to the left of the {b.shape}?",
+                           "yes" if a.col < b.col else "no")
+    return qs
+
+
+def _pope_questions(scene: Scene, rng: random.Random, split: str, popularity: list[str]) -> list[dict]:
+    """POPE: ground-truth objects as positives, as many negatives drawn by ``split``.
+
+    ``random`` draws absent categories uniformly; ``popular`` takes the absent categories most
+    frequent in the split (POPE's definition; our generator is uniform, so it is close to random);
+    ``adversarial`` takes absent categories that share a colour or a shape with a present object
+    (our analogue of POPE's co-occurrence negatives: generated scenes have no co-occurrence
+    structure, but attribute binding is the hard case for a compressed representation).
+    """
+    present = [o.category for o in scene.objects]
+    absent = [f"{c} {s}" for c in COLORS for s in SHAPES if f"{c} {s}" not in present]
+    k = min(2, len(present))
+    positives = rng.sample(present, k)
+    if split == "random":
+        negatives = rng.sample(absent, k)
+    elif split == "popular":
+        negatives = [c for c in popularity if c in absent][:k]
+    elif split == "adversarial":
+        confusable = [c for c in absent if any(c.split()[0] == p.split()[0] or c.split()[1] == p.split()[1] for p in present)]
+        negatives = rng.sample(confusable, k)
+    else:
+        raise ValueError(f"unknown POPE split {split!r}")
+    out = [_q("pope/exists", f"Is there a {c} in the image?", "yes", category=split) for c in positives]
+    out += [_q("pope/exists", f"Is there a {c} in the image?", "no", category=split) for c in negatives]
+    rng.shuffle(out)
+    return out
+
+
+MME_SUBTASKS = ("exists", "count", "position", "color", "texture", "size")
+
+
+def _mme_pair(scene: Scene, rng: random.Random, subtask: str) -> list[dict]:
+    """MME: two questions about one image, one true and one false; acc+ needs both right."""
+    o = rng.choice(scene.objects)
+    if subtask == "exists":
+        present = {x.category for x in scene.objects}
+        wrong = rng.choice([f"{c} {o.shape}" for c in COLORS if f"{c} {o.shape}" not in present])
+        texts = (f"Is there a {o.category} in this image?", f"Is there a {wrong} in this image?")
+    elif subtask == "count":
+        n = len(scene.objects)
+        texts = (f"Are there {n} objects in this image?", f"Are there {_other(rng, '1234', str(n))} objects in this image?")
+    elif subtask == "position":
+        texts = (f"Is the {o.shape} at the {o.position}?", f"Is the {o.shape} at the {_other(rng, POSITIONS, [o.position])}?")
+    else:
+        values = {"color": tuple(COLORS), "texture": TEXTURES, "size": SIZES}[subtask]
+        true = getattr(o, subtask)
+        texts = (f"Is the {o.shape} {true}?", f"Is the {o.shape} {_other(rng, values, [true])}?")
+    pair = [_q(f"mme/{subtask}", t + MME_SUFFIX, a, category=subtask) for t, a in zip(texts, ("yes", "no"))]
+    rng.shuffle(pair)
+    return pair
+
+
+MC_KINDS = ("color", "shape_at", "count", "where")
+
+
+def mc_prompt(question: str, options: list[str]) -> str:
+    """The MMBench-style prompt of LLaVA's evaluation: question, lettered options, instruction."""
+    lines = [question] + [f"{LETTERS[i]}. {opt}" for i, opt in enumerate(options)]
+    return "\n".join(lines + [MC_SUFFIX])
+
+
+def _mc_question(scene: Scene, rng: random.Random, kind: str) -> dict:
+    o = rng.choice(scene.objects)
+    question, correct, values = {
+        "color": (f"What color is the {o.shape}?", o.color, tuple(COLORS)),
+        "shape_at": (f"What shape is at the {o.position}?", o.shape, SHAPES),
+        "count": ("How many objects are there?", str(len(scene.objects)), ("1", "2", "3", "4")),
+        "where": (f"Where is the {o.shape}?", o.position, POSITIONS),
+    }[kind]
+    options = rng.sample([v for v in values if v != correct], 3)
+    letter = rng.randrange(4)
+    options.insert(letter, correct)
+    return _q(f"mc/{kind}", mc_prompt(question, options), LETTERS[letter],
+              question=question, options=options, answer_text=correct)
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+POPE_SPLITS = ("random", "popular", "adversarial")
+FAMILIES = ("open",) + tuple(f"pope_{s}" for s in POPE_SPLITS) + ("mme", "mc")
+
+
+def sample_scenes(split: str, n: int, seed: int, image_size: int) -> list[Scene]:
+    rng = random.Random(f"htc-vlm-scenes/{seed}/{split}")  # str seeds hash deterministically
+    return [sample_scene(rng, f"{split}_{i:06d}", image_size) for i in range(n)]
+
+
+def test_questions(scenes: list[Scene], seed: int, open_per_image: int = 4) -> dict[str, list[dict]]:
+    """Per-family test questions, in the LLaVA question-file layout (question_id, image, text, ...)."""
+    rng = random.Random(f"htc-vlm-questions/{seed}")
+    popularity = [c for c, _ in Counter(o.category for s in scenes for o in s.objects).most_common()]
+    families: dict[str, list[dict]] = {f: [] for f in FAMILIES}
+    templates = list(ANSWER_SPACES)
+    for i, scene in enumerate(scenes):
+        cands = _open_questions(scene, rng)
+        # Cycle through templates so each gets the same share of questions over the split.
+        order = [templates[(i * open_per_image + j) % len(templates)].split("/")[1] for j in range(open_per_image)]
+        new = {"open": [cands[k] for k in dict.fromkeys(order) if k in cands]}
+        for split in POPE_SPLITS:
+            new[f"pope_{split}"] = _pope_questions(scene, rng, split, popularity)
+        new["mme"] = _mme_pair(scene, rng, MME_SUBTASKS[i % len(MME_SUBTASKS)])
+        new["mc"] = [_mc_question(scene, rng, MC_KINDS[i % len(MC_KINDS)])]
+        for fam, qs in new.items():
+            families[fam] += [{"question_id": f"{fam}-{len(families[fam]) + j:06d}", "image": scene.image, **q}
+                              for j, q in enumerate(qs)]
+    return families
+
+
+def train_conversation(scene: Scene, rng: random.Random, popularity: list[str]) -> dict:
+    """A LLaVA-665k style multi-turn conversation mixing every family's question kinds."""
+    qa = list(_open_questions(scene, rng).values())
+    qa += _pope_questions(scene, rng, rng.choice(POPE_SPLITS), popularity)[:2]
+    qa += _mme_pair(scene, rng, rng.choice(MME_SUBTASKS))
+    qa.append(_mc_question(scene, rng, rng.choice(MC_KINDS)))
+    rng.shuffle(qa)
+    turns = []
+    for j, q in enumerate(qa):
+        text = q["text"] if q["template"].startswith(("mme", "mc")) else q["text"] + " " + SHORT_ANSWER
+        turns.append({"from": "human", "value": (f"{IMAGE_TOKEN}\n" if j == 0 else "") + text})
+        turns.append({"from": "gpt", "value": q["answer"]})
+    return {"id": scene.id, "image": scene.image, "conversations": turns}
+
+
+SHORT_ANSWER = "Answer the question using a single word or phrase."
+
+
+def caption_record(scene: Scene) -> dict:
+    """LLaVA stage-1 (blip_laion_cc_sbu_558k) format: one caption per image."""
+    return {"id": scene.id, "image": scene.image, "conversations": [
+        {"from": "human", "value": f"{IMAGE_TOKEN}\n{CAPTION_PROMPT}"},
+        {"from": "gpt", "value": scene.caption()},
+    ]}
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False, compress_level=1)
+    return buf.getvalue()
+
+
+def write_benchmark(out: Path, n_train: int, n_test: int, seed: int, image_size: int, progress=None) -> dict:
+    """Write the benchmark into ``out`` (which must exist and be empty). Returns ``meta``.
+
+    Layout::
+
+        meta.json                       generator version, seed, size, counts
+        images/{split}_{i:06d}.png      all images
+        train/scenes.jsonl              ground-truth objects per scene (also used by probing)
+        train/captions.json             LLaVA stage-1 caption file (alignment)
+        train/conversations.json        LLaVA-665k style conversation file (instruction tuning)
+        test/scenes.jsonl
+        test/{family}.jsonl             question_id, image, text, answer, tag, template, ...
+    """
+    if n_train <= 0 or n_test <= 0:
+        raise HTCError(f"--train and --test must be positive, got {n_train} and {n_test}")
+    if image_size < 24:
+        raise HTCError(f"--size must be at least 24 pixels, got {image_size}")
+    (out / "images").mkdir()
+    (out / "train").mkdir()
+    (out / "test").mkdir()
+    splits = {"train": sample_scenes("train", n_train, seed, image_size),
+              "test": sample_scenes("test", n_test, seed, image_size)}
+    for split, scenes in splits.items():
+        for scene in scenes:
+            (out / "images" / scene.image).write_bytes(png_bytes(render(scene, image_size)))
+            if progress:
+                progress()
+        _write_jsonl(out / split / "scenes.jsonl", [s.to_json() for s in scenes])
+
+    train = splits["train"]
+    rng = random.Random(f"htc-vlm-train-questions/{seed}")
+    popularity = [c for c, _ in Counter(o.category for s in train for o in s.objects).most_common()]
+    _write_json(out / "train" / "conversations.json", [train_conversation(s, rng, popularity) for s in train])
+    _write_json(out / "train" / "captions.json", [caption_record(s) for s in train])
+    counts = {}
+    for fam, qs in test_questions(splits["test"], seed).items():
+        _write_jsonl(out / "test" / f"{fam}.jsonl", qs)
+        counts[fam] = len(qs)
+    meta = {"format_version": FORMAT_VERSION, "seed": seed, "image_size": image_size,
+            "train": n_train, "test": n_test, "questions": counts}
+    _write_json(out / "meta.json", meta)
+    return meta
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=1) + "\n")
+
+
+def _write_jsonl(path: Path, rows) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def vocabulary_texts() -> list[str]:
+    """Every word the benchmark can write, for building the embedded tokenizer.
+
+    Generated from a fixed sample of scenes plus every attribute value, so the vocabulary does not
+    depend on the user's seed or sizes.
+    """
+    rng = random.Random("htc-vlm-vocab")
+    scenes = [sample_scene(rng, f"v{i}", 64) for i in range(400)]
+    texts = [IMAGE_TOKEN, CAPTION_PROMPT, SHORT_ANSWER, MC_SUFFIX, MME_SUFFIX, *POSITIONS, *LETTERS,
+             *SHAPES, *COLORS, *TEXTURES, *SIZES, "yes no 0 1 2 3 4 5 6 7 8 9 USER ASSISTANT : . , ?"]
+    popularity = [f"{c} {s}" for c in COLORS for s in SHAPES]
+    for s in scenes:
+        texts.append(s.caption())
+        for turn in train_conversation(s, rng, popularity)["conversations"]:
+            texts.append(turn["value"])
+    for qs in test_questions(scenes, 0).values():
+        texts += [q["text"] for q in qs]
+    return texts

@@ -1,0 +1,150 @@
+import hashlib
+import json
+from collections import Counter, defaultdict
+
+import pytest
+from PIL import Image
+
+from htc_vlm.cli import main
+from htc_vlm.data import scenes as S
+
+
+def _digest(root):
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(root)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def test_cli_writes_every_file_and_is_deterministic(tmp_path):
+    for name in ("a", "b"):
+        assert main(["data", "scenes", "--out", str(tmp_path / name), "--train", "30", "--test", "10", "--seed", "7"]) == 0
+    a = tmp_path / "a"
+    assert _digest(a) == _digest(tmp_path / "b")
+    assert main(["data", "scenes", "--out", str(tmp_path / "c"), "--train", "30", "--test", "10", "--seed", "8"]) == 0
+    assert _digest(a) != _digest(tmp_path / "c")
+
+    assert len(list((a / "images").glob("*.png"))) == 40
+    conv = json.loads((a / "train" / "conversations.json").read_text())
+    assert len(conv) == 30 and set(conv[0]) == {"id", "image", "conversations"}
+    turns = conv[0]["conversations"]
+    assert turns[0]["from"] == "human" and turns[0]["value"].startswith("<image>\n")
+    assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+    assert sum("<image>" in t["value"] for t in turns) == 1
+    caps = json.loads((a / "train" / "captions.json").read_text())
+    assert caps[0]["conversations"][1]["value"].startswith("a ")
+    for fam in S.FAMILIES:
+        rows = S.read_jsonl(a / "test" / f"{fam}.jsonl")
+        assert rows, fam
+        ids = [r["question_id"] for r in rows]
+        assert len(set(ids)) == len(ids)
+        for r in rows:
+            assert {"question_id", "image", "text", "answer", "tag", "template"} <= set(r)
+            assert r["tag"] in ("semantic", "detail")
+            assert (a / "images" / r["image"]).exists()
+    meta = json.loads((a / "meta.json").read_text())
+    assert meta["seed"] == 7 and meta["image_size"] == 64
+    assert (a / "tokenizer" / "tokenizer.json").exists()
+
+
+def test_answers_are_true_to_the_scene(scenes_dir):
+    scenes = {s["image"]: s for s in S.read_jsonl(scenes_dir / "test" / "scenes.jsonl")}
+    for q in S.read_jsonl(scenes_dir / "test" / "open.jsonl"):
+        objs = scenes[q["image"]]["objects"]
+        if q["template"] == "open/count":
+            assert q["answer"] == str(len(objs))
+        if q["template"] == "open/color":
+            shape = q["text"].split("the ")[1].rstrip("?")
+            assert q["answer"] == next(o["color"] for o in objs if o["shape"] == shape)
+    for q in S.read_jsonl(scenes_dir / "test" / "pope_adversarial.jsonl"):
+        cat = q["text"][len("Is there a "):-len(" in the image?")]
+        present = {f"{o['color']} {o['shape']}" for o in scenes[q["image"]]["objects"]}
+        assert (cat in present) == (q["answer"] == "yes")
+    mme = S.read_jsonl(scenes_dir / "test" / "mme.jsonl")
+    by_image = defaultdict(list)
+    for q in mme:
+        by_image[q["image"]].append(q["answer"])
+    assert all(sorted(a) == ["no", "yes"] for a in by_image.values())
+    for q in S.read_jsonl(scenes_dir / "test" / "mc.jsonl"):
+        assert q["options"][S.LETTERS.index(q["answer"])] == q["answer_text"]
+        assert q["text"] == S.mc_prompt(q["question"], q["options"])
+
+
+def test_blind_baseline_is_near_chance_on_every_family():
+    """A model that never looks at the image and answers each template's most frequent training
+    answer must stay within 5 points of chance on every family."""
+    train = S.test_questions(S.sample_scenes("train", 2000, 0, 64), seed=1)
+    test = S.test_questions(S.sample_scenes("test", 500, 0, 64), seed=2)
+    for fam in S.FAMILIES:
+        counts = defaultdict(Counter)
+        for q in train[fam]:
+            counts[q["template"]][q["answer"]] += 1
+        majority = {t: c.most_common(1)[0][0] for t, c in counts.items()}
+        acc = sum(majority[q["template"]] == q["answer"] for q in test[fam]) / len(test[fam])
+        if fam == "open":
+            chance = sum(1 / len(S.ANSWER_SPACES[q["template"]]) for q in test[fam]) / len(test[fam])
+        else:
+            chance = 0.25 if fam == "mc" else 0.5
+        assert abs(acc - chance) <= 0.05, (fam, acc, chance)
+
+
+def test_letters_and_yes_no_are_balanced():
+    test = S.test_questions(S.sample_scenes("test", 500, 0, 64), seed=2)
+    letters = Counter(q["answer"] for q in test["mc"])
+    assert set(letters) == set(S.LETTERS) and min(letters.values()) > 500 / 4 * 0.75
+    for fam in ("pope_random", "pope_popular", "pope_adversarial"):
+        yes = Counter(q["answer"] for q in test[fam])
+        assert yes["yes"] == yes["no"]
+
+
+@pytest.mark.parametrize("size", [64, 336])
+def test_render_sizes(size):
+    scene = S.sample_scenes("test", 1, 0, size)[0]
+    img = S.render(scene, size)
+    assert img.size == (size, size) and img.mode == "RGB"
+    # every object leaves coloured pixels inside its grid cell
+    cell = size // S.GRID
+    for o in scene.objects:
+        crop = img.crop((o.col * cell, o.row * cell, (o.col + 1) * cell, (o.row + 1) * cell))
+        assert S.COLORS[o.color] in {c for _, c in crop.getcolors(cell * cell)}
+
+
+def test_png_decodes(scenes_dir):
+    p = next((scenes_dir / "images").glob("*.png"))
+    with Image.open(p) as im:
+        assert im.size == (64, 64)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--train", "0"], "must be positive"),
+    (["--test", "-3"], "must be positive"),
+    (["--size", "8"], "at least 24"),
+])
+def test_cli_bad_numbers(tmp_path, capsys, args, message):
+    out = tmp_path / "o"
+    assert main(["data", "scenes", "--out", str(out), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_cli_refuses_non_empty_out_and_overwrites_on_request(tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["data", "scenes", "--out", str(out), "--train", "2", "--test", "2"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+    assert main(["data", "scenes", "--out", str(out), "--train", "2", "--test", "2", "--overwrite"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "meta.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # no temporary folder left behind
+
+
+def test_cli_unwritable_and_unknown_option(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["data", "scenes", "--out", str(blocker / "sub"), "--train", "2", "--test", "2"]) == 2
+    assert "cannot write" in capsys.readouterr().err
+    assert main(["data", "scenes", "--out", str(tmp_path / "o"), "--frobnicate", "1"]) == 2
+    assert main(["no-such-command"]) == 2

@@ -1,0 +1,140 @@
+"""VisualCache: the compressed image as the language model's keys and values, and nothing else.
+
+``model.compress`` runs the prefix, the image block and the voco tokens once, then keeps only the
+positions text may attend to (the prefix and the voco tokens; all positions when compression is
+off). RoPE is already applied to the cached keys, so the question that follows must continue at
+the *original* position (``next_position``), not at the cache length.
+
+On disk a cache is one safetensors file: ``keys.{layer}`` / ``values.{layer}`` tensors of shape
+(B, kv_heads, K, head_dim), and metadata naming the format version, the fingerprint of the model
+that made it, the positions, and a SHA-256 of the tensor bytes (an edited file is refused).
+
+Shape notation: B images, L layers, H kv heads, K kept positions, Dh head dim.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from transformers import DynamicCache
+
+from .errors import HTCError
+from .io import atomic_write_bytes
+
+FORMAT = "htc-vlm-visual-cache"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class VisualCache:
+    keys: list[torch.Tensor]  # L x (B, H, K, Dh)
+    values: list[torch.Tensor]  # L x (B, H, K, Dh)
+    next_position: int  # position of the first token after the image block and voco
+    fingerprint: str  # of the model that made it
+    meta: dict = field(default_factory=dict)  # compression settings, kept positions, ...
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def length(self) -> int:
+        """K: cached positions per image (1 for one voco token and no prefix)."""
+        return self.keys[0].shape[-2]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    def to_dynamic_cache(self) -> DynamicCache:
+        """A fresh transformers cache holding copies (generation appends to it)."""
+        cache = DynamicCache()
+        for i, (k, v) in enumerate(zip(self.keys, self.values)):
+            cache.update(k.clone(), v.clone(), i)
+        return cache
+
+    def select(self, index: int | list[int]) -> "VisualCache":
+        """The caches of some images of the batch (e.g. one image, or images repeated per question)."""
+        idx = torch.as_tensor([index] if isinstance(index, int) else index, dtype=torch.long)
+        return VisualCache([k[idx] for k in self.keys], [v[idx] for v in self.values],
+                           self.next_position, self.fingerprint, dict(self.meta))
+
+    @staticmethod
+    def cat(caches: list["VisualCache"]) -> "VisualCache":
+        first = caches[0]
+        for c in caches[1:]:
+            if c.fingerprint != first.fingerprint or c.next_position != first.next_position or c.length != first.length:
+                raise HTCError("cannot batch visual caches made by different models or with different layouts")
+        return VisualCache([torch.cat(t) for t in zip(*(c.keys for c in caches))],
+                           [torch.cat(t) for t in zip(*(c.values for c in caches))],
+                           first.next_position, first.fingerprint, dict(first.meta))
+
+    # ------------------------------------------------------------------ safetensors I/O
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for i, (k, v) in enumerate(zip(self.keys, self.values)):
+            out[f"keys.{i}"] = k.detach().contiguous().cpu()
+            out[f"values.{i}"] = v.detach().contiguous().cpu()
+        return out
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically to ``path`` (safetensors)."""
+        tensors = self._tensors()
+        metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "fingerprint": self.fingerprint,
+                    "next_position": str(self.next_position), "num_layers": str(len(self.keys)),
+                    "meta": json.dumps(self.meta), "sha256": _digest(tensors)}
+        atomic_write_bytes(path, st_save(tensors, metadata=metadata))
+
+    @classmethod
+    def load(cls, path: str | Path, expected_fingerprint: str | None = None) -> "VisualCache":
+        """Read a cache; any problem (truncated, edited, other format, other model) is one HTCError."""
+        path = Path(path)
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise HTCError(f"cannot read visual cache {path}: {e.strerror or e}") from e
+        try:
+            tensors = st_load(data)
+            metadata = _metadata(data)
+        except (SafetensorError, ValueError, json.JSONDecodeError) as e:
+            raise HTCError(f"{path} is not a readable visual cache (truncated or corrupt): {e}") from e
+        if metadata.get("format") != FORMAT:
+            raise HTCError(f"{path} is not an htc-vlm visual cache (format {metadata.get('format')!r})")
+        if metadata.get("format_version") != str(FORMAT_VERSION):
+            raise HTCError(f"{path} has cache format version {metadata.get('format_version')}; "
+                           f"this htc-vlm reads version {FORMAT_VERSION}: compress the image again")
+        if metadata.get("sha256") != _digest(tensors):
+            raise HTCError(f"{path} was modified after it was written (checksum mismatch)")
+        n = int(metadata["num_layers"])
+        cache = cls([tensors[f"keys.{i}"] for i in range(n)], [tensors[f"values.{i}"] for i in range(n)],
+                    int(metadata["next_position"]), metadata["fingerprint"], json.loads(metadata["meta"]))
+        if expected_fingerprint is not None:
+            cache.check(expected_fingerprint, str(path))
+        return cache
+
+    def check(self, fingerprint: str, name: str = "this visual cache") -> None:
+        if self.fingerprint != fingerprint:
+            raise HTCError(f"{name} was made by another model (fingerprint {self.fingerprint[:12]}, "
+                           f"this model {fingerprint[:12]}): compress the image again with this model")
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _metadata(data: bytes) -> dict:
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + n]).get("__metadata__", {})

@@ -1,0 +1,324 @@
+"""HTC-VLM on transformers: the hybrid sequence, the disentanglement mask and a real voco KV cache.
+
+The forward pass is the paper's Algorithm 1 in stages, each callable alone::
+
+    patch_embeddings(pixel_values)      V   = P_v(E_v(I))             Eq. 3   (B, N, D)
+    discrete_anchors(q)                 v_d = P_d(q)                  Eq. 4   (B, N_d, D)
+    image_block(pixel_values, q)        V_hy = [v_d; V]               Eq. 5   (B, N_d + N, D)
+    forward(input_ids, ...)             logits under M_hy             Eq. 6, 9
+    compress(pixel_values, q)           the voco positions' keys and values (a VisualCache)
+    generate(..., visual_cache=...)     answers from the cache, no image token in the KV cache
+
+Weights are laid out as transformers' ``LlavaForConditionalGeneration`` (``model.vision_tower``,
+``model.multi_modal_projector``, ``model.language_model``, ``lm_head``), so a LLaVA checkpoint loads
+unchanged (:meth:`HTCForConditionalGeneration.from_llava`) and only P_d and voco are new.
+
+Shape notation: B batch, T sequence, N patches, N_d anchors, D language-model width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, DynamicCache, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .anchors import AnchorProjector, DiscreteTokenProjector
+from .cache import VisualCache
+from .configuration import HTCConfig
+from .errors import HTCError
+from .layout import IMAGE, PAD, VOCO, image_prompt_ids, positions, token_kinds
+from .masking import attention_mask_4d
+from .vision import Projector, patch_features
+
+AutoConfig.register(HTCConfig.model_type, HTCConfig, exist_ok=True)
+
+
+class HTCPreTrainedModel(PreTrainedModel):
+    config: HTCConfig
+    config_class = HTCConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True  # custom 4D masks: sdpa and eager only
+    _skip_keys_device_placement = ["past_key_values"]
+
+
+class HTCModel(HTCPreTrainedModel):
+    """Vision tower, projectors, voco embeddings and the language model (no LM head)."""
+
+    def __init__(self, config: HTCConfig):
+        super().__init__(config)
+        d = config.text_config.hidden_size
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = Projector(config.vision_config.hidden_size, d, config.projector_type,
+                                               config.projector_bias)
+        # Built only where the compression uses them: an unused parameter would break DDP.
+        self.anchor_projector = AnchorProjector(config) if config.compression == "htc" else None
+        self.discrete_projector = DiscreteTokenProjector(config) if config.compression == "discrete" else None
+        self.voco_embeddings = nn.Embedding(config.num_voco, d)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    # ------------------------------------------------------------------ the two channels
+
+    def patch_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Eq. 3, the continuous channel: (B, 3, H, W) -> (B, N, D)."""
+        feats = patch_features(self.vision_tower, pixel_values, self.config)
+        return self.multi_modal_projector(feats)
+
+    def _check_q(self, q: torch.Tensor | None, batch: int) -> torch.Tensor:
+        c = self.config
+        if q is None:
+            raise HTCError(f"compression={c.compression!r} needs discrete_latents (q), one per image")
+        q = q.reshape(q.shape[0], -1) if q.ndim > 2 else q
+        if q.ndim != 2 or q.shape != (batch, c.discrete_dim):
+            raise HTCError(f"discrete_latents must be (B={batch}, {c.discrete_dim}) = {c.discrete_channels} x "
+                           f"{c.discrete_grid} x {c.discrete_grid} flattened, got {tuple(q.shape)}")
+        return q
+
+    def discrete_anchors(self, q: torch.Tensor) -> torch.Tensor:
+        """Eq. 4, the discrete channel: q (B, Q) -> anchors (B, N_d, D)."""
+        if self.anchor_projector is None:
+            raise HTCError(f"this model (compression={self.config.compression!r}) has no anchor projector")
+        return self.anchor_projector(self._check_q(q, q.shape[0]).to(self.anchor_projector.linear_1.weight.dtype))
+
+    def image_block(self, pixel_values: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor:
+        """Eq. 5: the tokens that fill the ``<image>`` placeholders, (B, config.num_image_tokens, D)."""
+        c = self.config
+        if c.compression == "discrete":  # pixel_values unused: the VQ tokens are the whole block
+            q = self._check_q(q, 0 if q is None else q.shape[0])
+            return self.discrete_projector(q.to(self.discrete_projector.linear_1.weight.dtype))
+        v = self.patch_embeddings(pixel_values)  # (B, N, D)
+        if c.compression != "htc":
+            return v
+        a = self.discrete_anchors(self._check_q(q, v.shape[0]))  # (B, N_d, D)
+        if c.fusion == "pre":
+            return torch.cat([a, v], dim=1)
+        if c.fusion == "post":
+            return torch.cat([v, a], dim=1)
+        return v + a.mean(dim=1, keepdim=True)  # "mean": our reading of the paper's mean fusion
+
+    def embed(self, input_ids: torch.Tensor, kinds: torch.Tensor, pixel_values: torch.Tensor | None,
+              q: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with the image block and the voco embeddings scattered in: (B, T, D)."""
+        placeholder = (kinds == IMAGE) | (kinds == VOCO) | (kinds == PAD)
+        embeds = self.get_input_embeddings()(input_ids.masked_fill(placeholder, 0))
+        n_blocks = int((kinds == IMAGE).any(dim=1).sum())
+        ref = q if self.config.compression == "discrete" else pixel_values  # what one image arrives as
+        n_images = 0 if ref is None else ref.shape[0]
+        if n_blocks != n_images:
+            raise HTCError(f"the prompts hold {n_blocks} image blocks but {n_images} images were given")
+        if n_blocks:
+            block = self.image_block(pixel_values, q)  # (n_blocks, num_image_tokens, D)
+            embeds = embeds.masked_scatter((kinds == IMAGE)[..., None], block.to(embeds.dtype))
+        n_voco_rows = int((kinds == VOCO).any(dim=1).sum())
+        if n_voco_rows:
+            voco = self.voco_embeddings.weight.to(embeds.dtype)  # (num_voco, D)
+            embeds = embeds.masked_scatter((kinds == VOCO)[..., None], voco.expand(n_voco_rows, -1, -1))
+        return embeds
+
+
+class HTCForConditionalGeneration(HTCPreTrainedModel, GenerationMixin):
+    """HTC-VLM: a LLaVA-style model whose image reaches the text through ``num_voco`` tokens."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: HTCConfig):
+        super().__init__(config)
+        self.model = HTCModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    # ------------------------------------------------------------------ training forward (Eq. 9)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        discrete_latents: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Logits (and the answer loss of Eq. 9 when ``labels`` are given, -100 = ignored).
+
+        With ``<image>`` placeholders in ``input_ids`` the image block is built and the
+        disentanglement mask applied (a fresh sequence: the prompt must start here). Without them
+        this is the plain language model, e.g. a question continuing a :class:`VisualCache`.
+        """
+        lm = self.model.language_model
+        has_image = input_ids is not None and bool((input_ids == self.config.image_token_id).any())
+        if has_image or pixel_values is not None or discrete_latents is not None:
+            if input_ids is None:
+                raise HTCError("image prompts need input_ids with <image> placeholders")
+            if past_key_values is not None and past_key_values.get_seq_length() > 0:
+                raise HTCError("an image prompt must start the sequence; to reuse an image use compress() "
+                               "and generate(visual_cache=...)")
+            am = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            kinds = token_kinds(input_ids, am, self.config)
+            embeds = self.model.embed(input_ids, kinds, pixel_values, discrete_latents)
+            mask = attention_mask_4d(kinds, self.config.compresses, self.config.vision_attention, embeds.dtype)
+            out = lm(inputs_embeds=embeds, attention_mask=mask,
+                     position_ids=position_ids if position_ids is not None else positions(am),
+                     past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+        else:
+            if inputs_embeds is None:
+                inputs_embeds = self.get_input_embeddings()(input_ids)
+            out = lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                     past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+        hidden = out.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)  # (B, T, V)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
+                                   ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
+                                      hidden_states=out.hidden_states, attentions=out.attentions)
+
+    # ------------------------------------------------------------------ compress once, ask many
+
+    @torch.no_grad()
+    def compress(self, pixel_values: torch.Tensor | None, discrete_latents: torch.Tensor | None = None,
+                 prefix_ids: list[int] | None = None) -> VisualCache:
+        """Run ``[prefix] [image block] [voco]`` once; keep only what text may attend to.
+
+        Returns a :class:`VisualCache` with the prefix and voco positions of every layer (every
+        position when compression is off), shape (B, kv_heads, len(prefix) + num_voco, head_dim).
+        """
+        ref = pixel_values if pixel_values is not None else discrete_latents
+        if ref is None:
+            raise HTCError("compress() needs pixel_values (and discrete_latents for htc / discrete)")
+        b, device = ref.shape[0], ref.device
+        ids = torch.tensor(image_prompt_ids(self.config, prefix_ids), device=device).expand(b, -1)
+        kinds = token_kinds(ids, None, self.config)
+        embeds = self.model.embed(ids, kinds, pixel_values, discrete_latents)
+        mask = attention_mask_4d(kinds, self.config.compresses, self.config.vision_attention, embeds.dtype)
+        t = ids.shape[1]
+        out = self.model.language_model(inputs_embeds=embeds, attention_mask=mask,
+                                         position_ids=torch.arange(t, device=device).expand(b, -1),
+                                         past_key_values=DynamicCache(config=self.config.text_config), use_cache=True)
+        keep = (kinds[0] != IMAGE).nonzero().flatten() if self.config.compresses else torch.arange(t, device=device)
+        layers = out.past_key_values.layers
+        return VisualCache(
+            keys=[layer.keys.index_select(-2, keep) for layer in layers],
+            values=[layer.values.index_select(-2, keep) for layer in layers],
+            next_position=t, fingerprint=self.fingerprint(),
+            meta={"compression": self.config.compression, "num_voco": self.config.num_voco,
+                  "kept_positions": keep.tolist(), "full_length": t},
+        )
+
+    def answer_inputs(self, visual_cache: VisualCache, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor | None = None) -> dict:
+        """Arguments that make the language model continue a visual cache with ``input_ids``.
+
+        The question is left-padded after the cache; its positions continue at the original
+        ``next_position`` (RoPE is baked into the cached keys). One cache per question row.
+        """
+        visual_cache.check(self.fingerprint())
+        if visual_cache.batch_size != input_ids.shape[0]:
+            raise HTCError(f"the visual cache holds {visual_cache.batch_size} images but {input_ids.shape[0]} "
+                           f"questions were given; use cache.select([...]) to repeat an image per question")
+        if bool(((input_ids == self.config.image_token_id) | (input_ids == self.config.voco_token_id)).any()):
+            raise HTCError("questions answered from a visual cache must not contain <image> or <voco> tokens")
+        am = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        ones = am.new_ones(am.shape[0], visual_cache.length)
+        return {"input_ids": input_ids, "attention_mask": torch.cat([ones, am], dim=1),
+                "position_ids": visual_cache.next_position + positions(am),
+                "past_key_values": visual_cache.to_dynamic_cache()}
+
+    def generate(self, input_ids: torch.Tensor | None = None, *, visual_cache: VisualCache | None = None,
+                 pixel_values: torch.Tensor | None = None, discrete_latents: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, **kwargs):
+        """transformers' ``generate``, answering from a :class:`VisualCache`.
+
+        ``generate(question_ids, visual_cache=cache)``: the cache holds the image; ``input_ids`` are
+        the question only. ``generate(question_ids, pixel_values=..., discrete_latents=...)``:
+        compresses first, then the same. Either way the KV cache never holds an image token when
+        compression is on. Returns the question ids followed by the generated ids, as transformers.
+        """
+        if pixel_values is not None or discrete_latents is not None:
+            if visual_cache is not None:
+                raise HTCError("give either visual_cache or pixel_values, not both")
+            visual_cache = self.compress(pixel_values, discrete_latents)
+        if visual_cache is None:
+            return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return super().generate(**self.answer_inputs(visual_cache, input_ids, attention_mask), **kwargs)
+
+    def fingerprint(self) -> str:
+        """Identifies the weights and compression layout, stable across save/load (not dtype-blind)."""
+        h = hashlib.sha256()
+        c = self.config
+        h.update(repr((c.compression, c.num_voco, c.num_image_tokens, c.vision_attention, c.fusion)).encode())
+        for name, p in self.named_parameters():
+            flat = p.detach().reshape(-1)
+            idx = torch.linspace(0, flat.numel() - 1, min(64, flat.numel()), device=flat.device).long()
+            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+            h.update(flat[idx].float().cpu().numpy().tobytes())
+        return h.hexdigest()
+
+    # ------------------------------------------------------------------ from an existing LLaVA
+
+    @classmethod
+    def from_llava(cls, llava, voco_token_id: int, **config_overrides) -> "HTCForConditionalGeneration":
+        """An HTC model reusing a transformers ``LlavaForConditionalGeneration`` (instance or local path).
+
+        The vision tower, projector, language model and LM head are copied unchanged; the anchor
+        projector and voco embeddings are freshly initialised. ``voco_token_id`` must be a token id
+        of the tokenizer (add ``<voco>`` to it first); ``config_overrides`` set HTC options
+        (``compression``, ``num_anchors``, ``discrete_channels``, ...).
+        """
+        from transformers import LlavaForConditionalGeneration
+
+        if isinstance(llava, (str, Path)):
+            if not Path(llava).is_dir():
+                raise HTCError(f"{llava} is not a local LLaVA checkpoint folder")
+            llava = LlavaForConditionalGeneration.from_pretrained(llava)
+        lc = llava.config
+        if not isinstance(lc.vision_feature_layer, int):
+            raise HTCError(f"LLaVA checkpoints with several vision feature layers are not supported ({lc.vision_feature_layer})")
+        if lc.projector_hidden_act != "gelu":
+            raise HTCError(f"the LLaVA projector uses {lc.projector_hidden_act!r}; htc-vlm's mlp2x_gelu needs 'gelu'")
+        config = HTCConfig(vision_config=lc.vision_config.to_dict(), text_config=lc.text_config.to_dict(),
+                           image_token_id=lc.image_token_id, voco_token_id=voco_token_id,
+                           vision_feature_layer=lc.vision_feature_layer,
+                           vision_feature_select_strategy=lc.vision_feature_select_strategy,
+                           projector_type="mlp2x_gelu", projector_bias=lc.multimodal_projector_bias,
+                           **config_overrides)
+        model = cls(config).to(llava.dtype)
+        missing, unexpected = model.load_state_dict(llava.state_dict(), strict=False)
+        new = ("model.anchor_projector.", "model.discrete_projector.", "model.voco_embeddings.")
+        left = [k for k in missing if not k.startswith(new)]
+        if unexpected or left:
+            raise HTCError(f"LLaVA weights do not map onto HTC: unexpected {unexpected[:5]}, missing {left[:5]}")
+        model.set_attn_implementation(llava.config._attn_implementation)
+        return model

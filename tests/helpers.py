@@ -1,0 +1,46 @@
+"""Tiny random models for tests: CPU, seconds (CLIP 56 px / patch 14 -> 16 patches, Llama 2 layers)."""
+
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig
+
+from htc_vlm import HTCConfig, HTCForConditionalGeneration
+
+IMAGE_ID, VOCO_ID, VOCAB = 298, 299, 300
+
+
+def vision_config(**kw):
+    return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            image_size=56, patch_size=14, **kw)
+
+
+def text_config(**kw):
+    return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=VOCAB, **kw)
+
+
+def tiny_config(**kw) -> HTCConfig:
+    args = dict(vision_config=vision_config().to_dict(), text_config=text_config().to_dict(),
+                image_token_id=IMAGE_ID, voco_token_id=VOCO_ID, discrete_channels=4, discrete_grid=3)
+    return HTCConfig(**(args | kw))
+
+
+def tiny_model(attn="sdpa", seed=0, **kw) -> HTCForConditionalGeneration:
+    torch.manual_seed(seed)
+    model = HTCForConditionalGeneration(tiny_config(**kw)).eval()
+    model.set_attn_implementation(attn)
+    return model
+
+
+def images(config, b=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    pix = torch.randn(b, 3, 56, 56, generator=g)
+    q = torch.randn(b, config.discrete_dim, generator=g)
+    return pix, q
+
+
+def left_pad(rows, pad=0):
+    """Left-pad lists of ids: (ids, attention_mask)."""
+    t = max(map(len, rows))
+    ids = torch.tensor([[pad] * (t - len(r)) + r for r in rows])
+    am = torch.tensor([[0] * (t - len(r)) + [1] * len(r) for r in rows])
+    return ids, am

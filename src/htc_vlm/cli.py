@@ -16,7 +16,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="htc-vlm: one visual token per image (Hybrid Token Compression for VLMs).")
 data_app = typer.Typer(no_args_is_help=True, help="Generate the embedded scene benchmark and its tokenizer.")
 app.add_typer(data_app, name="data")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # never break an error line in two
 
 
 def progress_bar() -> Progress:
@@ -60,6 +60,67 @@ def data_tokenizer(
     with atomic_dir(out, overwrite) as tmp:
         tok = save_tokenizer(tmp)
     console.print(f"wrote a {len(tok)}-token tokenizer to {out}")
+
+
+@app.command("train-tokenizer")
+def train_tokenizer_cmd(
+    images: Annotated[Path, typer.Option(help="Folder of training images (test_* files are held out).")],
+    out: Annotated[Path, typer.Option(help="Run folder: checkpoint, metrics.jsonl, recon grids, tokenizer/.")],
+    preset: Annotated[str, typer.Option(help="Tokenizer preset: tiny or mgvq-f16c32-g8.")] = "tiny",
+    steps: Annotated[int | None, typer.Option(help="Training steps (default: the preset's).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per step.")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Evaluate and checkpoint every N steps.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Train the multi-group VQ tokenizer (MGVQ-style); resumes from OUT's checkpoint."""
+    from .vq.model import vq_preset
+    from .vq.train import VQTrainConfig, train_tokenizer
+
+    cfg = vq_preset(preset)
+    base = VQTrainConfig(seed=seed)
+    over = {k: v for k, v in dict(steps=steps, batch_size=batch_size, eval_every=eval_every).items() if v is not None}
+    if any(v <= 0 for v in over.values()):
+        raise HTCError(f"--steps, --batch-size and --eval-every must be positive, got {over}")
+    tcfg = VQTrainConfig(**(base.__dict__ | over))
+    with progress_bar() as bar:
+        task = bar.add_task("training tokenizer", total=tcfg.steps)
+        metrics = train_tokenizer(images, out, cfg, tcfg, progress=lambda s, n, loss: bar.update(task, completed=s),
+                                  log=lambda m: bar.console.print(m, highlight=False))
+    console.print(f"tokenizer: {out / 'tokenizer'}; held-out PSNR {metrics.get('psnr', float('nan')):.2f} dB, "
+                  f"min codebook usage {metrics.get('min_usage', float('nan')):.2f}")
+
+
+@app.command("encode-discrete")
+def encode_discrete(
+    tokenizer: Annotated[Path, typer.Option(help="Tokenizer folder (config.json + model.safetensors) or its run folder.")],
+    images: Annotated[Path, typer.Option(help="Image folder (searched recursively; ids are relative paths).")],
+    out: Annotated[Path, typer.Option(help="Feature store file (.safetensors).")],
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 64,
+    shard_size: Annotated[int, typer.Option(help="Images per shard file.")] = 50_000,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing store.")] = False,
+) -> None:
+    """Write q (the flattened quantized latent) of every image to a safetensors feature store."""
+    from .data.images import list_images
+    from .vq.model import MultiGroupVQ
+    from .vq.store import encode_folder, write_store
+
+    if out.exists() and not overwrite:
+        raise HTCError(f"{out} exists; pass --overwrite to replace it")
+    folder = tokenizer / "tokenizer" if (tokenizer / "tokenizer" / "config.json").exists() else tokenizer
+    model = MultiGroupVQ.load(folder)
+    n = len(list_images(images, recursive=True))
+    with progress_bar() as bar:
+        task = bar.add_task("encoding", total=n)
+        feats, failed = encode_folder(model, images, batch_size, progress=lambda k: bar.advance(task, k))
+    for msg in failed:
+        console.print(f"[yellow]skipped:[/yellow] {msg}", highlight=False)
+    if not feats:
+        raise HTCError(f"no image of {images} could be encoded")
+    cfg = model.config
+    write_store(feats, out, shard_size, metadata={"channels": cfg.latent_channels, "grid": cfg.grid,
+                                                   "q_dim": cfg.q_dim, "tokenizer": str(folder)})
+    console.print(f"wrote q ({cfg.q_dim} values) of {len(feats)} images to {out}"
+                  + (f"; {len(failed)} failed" if failed else ""))
 
 
 @app.command()

@@ -18,3 +18,21 @@ def scenes_dir(tmp_path_factory):
     write_benchmark(out, 60, 20, seed=3, image_size=64)
     save_tokenizer(out / "tokenizer")
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, scenes_dir):
+    """A run folder shaped like `htc-vlm reproduce`'s: scenes, a random-init tokenizer's features."""
+    import shutil
+
+    from htc_vlm.vq.model import MultiGroupVQ, VQConfig
+    from htc_vlm.vq.store import encode_folder, write_store
+
+    root = tmp_path_factory.mktemp("run")
+    shutil.copytree(scenes_dir, root / "scenes")
+    torch.manual_seed(0)
+    vq = MultiGroupVQ(VQConfig(downsample=4, base_channels=8, codebook_size=16, kmeans_init=False)).eval()
+    feats, failed = encode_folder(vq, root / "scenes" / "images")
+    assert not failed
+    write_store(feats, root / "features.safetensors")
+    return root

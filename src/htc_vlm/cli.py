@@ -123,6 +123,21 @@ def encode_discrete(
                   + (f"; {len(failed)} failed" if failed else ""))
 
 
+@app.command(context_settings={"allow_extra_args": False})
+def train(
+    config: Annotated[str, typer.Option(help="A shipped preset (tiny, llava-1.5-7b) or a YAML file.")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. stage=compress optim.max_steps=10")] = None,
+) -> None:
+    """Train one stage (vision, align, instruct, compress) on the HF Trainer; resumes from checkpoints."""
+    from .training.config import load_config
+    from .training.run import train as run_stage
+
+    cfg = load_config(config, overrides or [])
+    console.print(f"stage {cfg.stage} -> {cfg.output_dir}", highlight=False)
+    out = run_stage(cfg)
+    console.print(f"model: {out}", highlight=False)
+
+
 @app.command()
 def reproduce(
     out: Annotated[Path, typer.Option(help="Run folder; finished stages are skipped when run again.")] = Path("runs/tiny"),

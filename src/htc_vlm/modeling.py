@@ -133,6 +133,7 @@ class HTCForConditionalGeneration(HTCPreTrainedModel, GenerationMixin):
     """HTC-VLM: a LLaVA-style model whose image reaches the text through ``num_voco`` tokens."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    accepts_loss_kwargs = True  # the Trainer passes num_items_in_batch
 
     def __init__(self, config: HTCConfig):
         super().__init__(config)
@@ -175,6 +176,7 @@ class HTCForConditionalGeneration(HTCPreTrainedModel, GenerationMixin):
         this is the plain language model, e.g. a question continuing a :class:`VisualCache`.
         """
         lm = self.model.language_model
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)  # the Trainer's count, for accumulation
         has_image = input_ids is not None and bool((input_ids == self.config.image_token_id).any())
         if has_image or pixel_values is not None or discrete_latents is not None:
             if input_ids is None:
@@ -199,9 +201,10 @@ class HTCForConditionalGeneration(HTCPreTrainedModel, GenerationMixin):
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)  # (B, T, V)
         loss = None
-        if labels is not None:
+        if labels is not None:  # Eq. 9: next-token loss on answer tokens (labels -100 elsewhere)
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
-                                   ignore_index=-100)
+                                   ignore_index=-100, reduction="sum")
+            loss = loss / (num_items_in_batch if num_items_in_batch is not None else (labels[:, 1:] != -100).sum())
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
                                       hidden_states=out.hidden_states, attentions=out.attentions)
 

@@ -356,8 +356,9 @@ def train_conversation(scene: Scene, rng: random.Random, popularity: list[str]) 
     rng.shuffle(qa)
     turns = []
     for j, q in enumerate(qa):
-        text = q["text"] if q["template"].startswith(("mme", "mc")) else q["text"] + " " + SHORT_ANSWER
-        turns.append({"from": "human", "value": (f"{IMAGE_TOKEN}\n" if j == 0 else "") + text})
+        # No "Answer the question using a single word or phrase." suffix (LLaVA-665k's VQA prompt):
+        # every answer here is short, and the suffix would double the text a tiny model trains on.
+        turns.append({"from": "human", "value": (f"{IMAGE_TOKEN}\n" if j == 0 else "") + q["text"]})
         turns.append({"from": "gpt", "value": q["answer"]})
     return {"id": scene.id, "image": scene.image, "conversations": turns}
 

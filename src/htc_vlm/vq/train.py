@@ -27,11 +27,11 @@ from .model import MultiGroupVQ, VQConfig
 
 @dataclass(frozen=True)
 class VQTrainConfig:
-    steps: int = 1500
-    batch_size: int = 32
+    steps: int = 800
+    batch_size: int = 16
     lr: float = 2e-3
     warmup: int = 50
-    eval_every: int = 250
+    eval_every: int = 200
     eval_images: int = 200
     seed: int = 0
 

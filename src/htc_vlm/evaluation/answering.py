@@ -1,0 +1,76 @@
+"""Answering question files: every image is compressed once and all its questions are answered
+from its visual cache (the same path at every compression, ``none`` keeping the full cache).
+
+Shape notation: I images in a chunk, Q questions in a batch, L question length.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from ..data.images import CLIP_MEAN, CLIP_STD, load_rgb, to_tensor
+from ..data.llava import PromptBuilder, get_template
+from ..errors import HTCError
+from ..modeling import HTCForConditionalGeneration
+
+
+class ImageSource:
+    """Pixels (and q from a feature store) of images by id, normalised for the model."""
+
+    def __init__(self, images: str | Path, model: HTCForConditionalGeneration, features=None,
+                 image_norm: str = "half", resize: bool = False):
+        self.root, self.model, self.features, self.resize = Path(images), model, features, resize
+        self.norm = (CLIP_MEAN, CLIP_STD) if image_norm == "clip" else ((0.5,) * 3, (0.5,) * 3)
+        if model.config.compression in ("htc", "discrete") and features is None:
+            raise HTCError(f"compression={model.config.compression!r} needs a discrete feature store")
+
+    def batch(self, ids: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        size = self.model.config.vision_config.image_size
+        pix = torch.stack([to_tensor(load_rgb(self.root / i, size, self.resize), *self.norm) for i in ids])
+        q = self.features.batch(ids) if self.model.config.compression in ("htc", "discrete") else None
+        return pix, q
+
+
+def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    t = max(map(len, rows))
+    ids = torch.full((len(rows), t), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), t), dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, t - len(r):] = torch.tensor(r)
+        mask[b, t - len(r):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def answer_questions(model: HTCForConditionalGeneration, tokenizer, questions: list[dict], source: ImageSource,
+                     prompt: Callable[[dict], str], template: str = "plain", batch_size: int = 32,
+                     max_new_tokens: int = 8, progress: Callable[[int], None] | None = None) -> Iterable[dict]:
+    """Yield ``{question_id, prediction}`` per question, grouped by image (one compress each)."""
+    builder = PromptBuilder(tokenizer, get_template(template), model.config)
+    prefix = builder.prefix_ids()
+    by_image: dict[str, list[dict]] = defaultdict(list)
+    for q in questions:
+        by_image[q["image"]].append(q)
+    images = list(by_image)
+    per_chunk = max(1, batch_size // 2)
+    for start in range(0, len(images), per_chunk):
+        ids = images[start:start + per_chunk]
+        pix, q_lat = source.batch(ids)
+        cache = model.compress(pix, q_lat, prefix_ids=prefix)  # I images, once
+        todo = [(i, q) for i, img in enumerate(ids) for q in by_image[img]]
+        for b in range(0, len(todo), batch_size):
+            chunk = todo[b:b + batch_size]
+            rows = [builder.question_ids(prompt(q)) for _, q in chunk]
+            qids, qmask = left_pad(rows, tokenizer.pad_token_id)
+            out = model.generate(qids, visual_cache=cache.select([i for i, _ in chunk]), attention_mask=qmask,
+                                 max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+            texts = tokenizer.batch_decode(out[:, qids.shape[1]:], skip_special_tokens=True)
+            for (_, q), text in zip(chunk, texts):
+                yield {"question_id": q["question_id"], "prediction": text.strip()}
+            if progress:
+                progress(len(chunk))

@@ -1,0 +1,212 @@
+"""Typed training configuration: dataclass defaults, YAML presets as overrides, ``key=value`` on top.
+
+A preset YAML holds the fields common to every stage and a ``stages:`` map of per-stage overrides;
+the chosen ``stage`` picks one. Unknown keys anywhere are an error naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import HTCError
+
+STAGES = ("vision", "align", "instruct", "compress")
+PRESET_DIR = Path(__file__).parent / "presets"
+DEEPSPEED_DIR = Path(__file__).parent / "deepspeed"
+
+
+@dataclass
+class ModelSpec:
+    arch: str = "tiny"  # architecture registry name, for models built from parts
+    init: str | None = None  # an HTC checkpoint folder to continue from (the previous stage's output)
+    llava: str | None = None  # a local transformers LLaVA checkpoint to start from
+    vision_tower: str | None = None  # a pretrained vision tower folder (vision stage output, local CLIP)
+    language_model: str | None = None  # a local causal-LM folder (e.g. Vicuna-7B v1.5)
+    compression: str | None = None  # none / voco / htc / discrete (None: keep the init's)
+    num_voco: int | None = None
+    num_anchors: int | None = None
+    vision_attention: str | None = None
+    fusion: str | None = None
+    attn_implementation: str = "sdpa"
+
+    def overrides(self) -> dict:
+        keys = ("compression", "num_voco", "num_anchors", "vision_attention", "fusion")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+
+@dataclass
+class DataSpec:
+    conversations: str = ""  # LLaVA conversation JSON (captions for align)
+    images: str = ""  # image folder; records' "image" fields are relative to it
+    scenes: str | None = None  # vision stage: scenes.jsonl with the ground-truth objects
+    features: str | None = None  # discrete feature store (htc / discrete)
+    tokenizer: str = ""  # a transformers tokenizer folder with <image> and <voco>
+    template: str = "plain"  # plain / vicuna_v1
+    max_length: int = 1024
+    image_norm: str = "half"  # half: [-1, 1]; clip: CLIP mean / std
+    resize: bool = False  # resize images to the tower's size (real data) instead of refusing
+
+
+@dataclass
+class OptimSpec:
+    """The subset of ``transformers.TrainingArguments`` a recipe sets; passed through by name."""
+
+    learning_rate: float = 1e-3
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    per_device_train_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    warmup_ratio: float = 0.03
+    lr_scheduler_type: str = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    deepspeed: str | None = None  # a JSON path, or zero2 / zero3 for the shipped files
+    logging_steps: int = 10
+    save_steps: int = 500
+    save_total_limit: int = 2
+    seed: int = 0
+    dataloader_num_workers: int = 0
+
+
+PARTS = {  # names for model.trainable -> parameter-name prefixes
+    "vision_tower": ("model.vision_tower.",),
+    "projector": ("model.multi_modal_projector.",),
+    "language_model": ("model.language_model.", "lm_head."),
+    "voco": ("model.voco_embeddings.",),
+    "anchors": ("model.anchor_projector.", "model.discrete_projector."),
+}
+DEFAULT_TRAINABLE = {  # the paper's recipe (VoCo-LLaMA / LLaVA-1.5); the vision tower stays frozen
+    "align": ("projector",),
+    "instruct": ("projector", "language_model"),
+    "compress": ("projector", "language_model", "voco", "anchors"),
+}
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "instruct"
+    output_dir: str = "runs/train"
+    trainable: list[str] | None = None  # parts to train (see PARTS); None: DEFAULT_TRAINABLE[stage]
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    optim: OptimSpec = field(default_factory=OptimSpec)
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise HTCError(f"unknown stage {self.stage!r}; stages: {', '.join(STAGES)}")
+        for part in self.trainable or ():
+            if part not in PARTS:
+                raise HTCError(f"unknown trainable part {part!r}; parts: {', '.join(PARTS)}")
+
+    def trainable_prefixes(self) -> tuple[str, ...]:
+        parts = self.trainable if self.trainable is not None else DEFAULT_TRAINABLE[self.stage]
+        return tuple(p for part in parts for p in PARTS[part])
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _merge(base: dict, update: dict, where: str, schema) -> dict:
+    out = dict(base)
+    names = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in update.items():
+        if key not in names:
+            raise HTCError(f"unknown config key {where}{key!r}; known: {', '.join(names)}")
+        sub = {"model": ModelSpec, "data": DataSpec, "optim": OptimSpec}.get(key) if schema is TrainConfig else None
+        if sub is not None:
+            if not isinstance(value, dict):
+                raise HTCError(f"config key {where}{key} must be a mapping")
+            out[key] = _merge(out.get(key, {}), value, f"{where}{key}.", sub)
+        else:
+            out[key] = _coerce(value, names[key].type, f"{where}{key}")
+    return out
+
+
+def _coerce(value, annotation: str, name: str):
+    """YAML 1.1 reads ``2e-5`` as a string; numbers go to their field's type, with a clear error."""
+    kinds = {t.strip() for t in str(annotation).split("|")}
+    if value is None or isinstance(value, bool):
+        return value
+    try:
+        if "float" in kinds and isinstance(value, (int, str)):
+            return float(value)
+        if "int" in kinds and isinstance(value, str):
+            return int(value)
+    except ValueError:
+        raise HTCError(f"config key {name} must be a number, got {value!r}") from None
+    return value
+
+
+def _parse_override(item: str) -> dict:
+    if "=" not in item:
+        raise HTCError(f"override {item!r} must be key=value (e.g. optim.learning_rate=2e-5)")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw else None
+    node: dict[str, Any] = {}
+    cur = node
+    parts = key.split(".")
+    for p in parts[:-1]:
+        cur[p] = {}
+        cur = cur[p]
+    cur[parts[-1]] = value
+    return node
+
+
+def preset_path(name_or_path: str | Path) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml"):
+        if not p.exists():
+            raise HTCError(f"config file not found: {p}")
+        return p
+    shipped = PRESET_DIR / f"{name_or_path}.yaml"
+    if not shipped.exists():
+        known = ", ".join(sorted(f.stem for f in PRESET_DIR.glob("*.yaml")))
+        raise HTCError(f"unknown training preset {name_or_path!r}; shipped: {known} (or give a .yaml path)")
+    return shipped
+
+
+def load_config(name_or_path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    """A preset name or YAML path, with ``key=value`` overrides (``stage=compress``)."""
+    raw = yaml.safe_load(preset_path(name_or_path).read_text()) or {}
+    stages = raw.pop("stages", {}) or {}
+    over: dict = {}
+    for item in overrides:
+        over = _merge_plain(over, _parse_override(item))
+    stage = over.get("stage", raw.get("stage", TrainConfig.stage))
+    if stage not in STAGES:
+        raise HTCError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    for s in stages:
+        if s not in STAGES:
+            raise HTCError(f"unknown stage {s!r} under 'stages:'; stages: {', '.join(STAGES)}")
+    merged: dict = {}
+    for layer in (raw, stages.get(stage, {}), over):
+        merged = _merge(merged, layer, "", TrainConfig)
+    merged["stage"] = stage
+    return TrainConfig(model=ModelSpec(**merged.pop("model", {})), data=DataSpec(**merged.pop("data", {})),
+                       optim=OptimSpec(**merged.pop("optim", {})), **merged)
+
+
+def _merge_plain(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge_plain(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def deepspeed_path(value: str | None) -> str | None:
+    if value is None or value.endswith(".json"):
+        return value
+    shipped = DEEPSPEED_DIR / f"{value}.json"
+    if not shipped.exists():
+        raise HTCError(f"unknown DeepSpeed config {value!r}; shipped: zero2, zero3 (or give a .json path)")
+    return str(shipped)

@@ -1,0 +1,211 @@
+"""One training stage on the HF ``Trainer`` (so torchrun, accelerate and DeepSpeed work as usual).
+
+Stages (``TrainConfig.stage``):
+
+- ``vision``: pre-train the tiny tower by scene attribute prediction (embedded default only).
+- ``align``: the projector only, on captions (LLaVA stage 1), all image tokens visible.
+- ``instruct``: projector + language model on conversations, all image tokens visible (upper bound).
+- ``compress``: from ``instruct`` with a compression option: voco, anchor projector, projector and
+  language model train under the disentanglement mask (Eq. 9); the vision tower stays frozen.
+
+Checkpoints are the Trainer's (safetensors weights, ``weights_only`` loads); a checkpoint counts
+only once its ``COMPLETE`` marker is written after the save, so a crash mid-save is never resumed
+from. The final model goes to ``output_dir/model`` in one rename, with the tokenizer and the
+training config beside it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+
+from ..data.llava import Collator, LlavaDataset
+from ..errors import HTCError
+from ..io import atomic_dir
+from ..modeling import HTCForConditionalGeneration
+from ..presets import build_config
+from .config import TrainConfig, deepspeed_path
+
+MARKER = "COMPLETE"
+
+
+class CommitMarker(TrainerCallback):
+    """Marks a checkpoint folder complete after the Trainer has written all of it."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if ckpt.is_dir():
+                (ckpt / MARKER).write_text(f"{state.global_step}\n")
+
+
+class HTCTrainer(Trainer):
+    """Stops with a clear error the moment the loss is not finite (the last checkpoint stays intact)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        loss = out[0] if return_outputs else out
+        if not torch.isfinite(loss.detach()).all():
+            last = last_checkpoint(self.args.output_dir)
+            raise HTCError(f"the loss became {loss.detach().float().item()} at step {self.state.global_step + 1}; "
+                           f"training stopped, last good checkpoint: {last or 'none yet'}")
+        return out
+
+
+def last_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest complete checkpoint; incomplete ones (no marker) are ignored."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    done = [p for p in folder.glob("checkpoint-*") if (p / MARKER).exists() and re.fullmatch(r"checkpoint-\d+", p.name)]
+    return str(max(done, key=lambda p: int(p.name.split("-")[1]))) if done else None
+
+
+def training_arguments(cfg: TrainConfig, **extra) -> TrainingArguments:
+    o = cfg.optim
+    cpu = not torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=cfg.output_dir, learning_rate=o.learning_rate, num_train_epochs=o.num_train_epochs,
+        max_steps=o.max_steps, per_device_train_batch_size=o.per_device_train_batch_size,
+        gradient_accumulation_steps=o.gradient_accumulation_steps, warmup_steps=o.warmup_ratio,
+        lr_scheduler_type=o.lr_scheduler_type, weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm,
+        bf16=o.bf16, deepspeed=deepspeed_path(o.deepspeed),
+        logging_steps=o.logging_steps, save_strategy="steps", save_steps=o.save_steps,
+        save_total_limit=o.save_total_limit, seed=o.seed, data_seed=o.seed,
+        dataloader_num_workers=o.dataloader_num_workers, dataloader_pin_memory=not cpu, use_cpu=cpu,
+        remove_unused_columns=False, report_to=[], ddp_find_unused_parameters=False,
+        disable_tqdm=not _rank0(), **({"activation_checkpointing": True} if o.gradient_checkpointing else {}), **extra,
+    )
+
+
+def _rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+# ---------------------------------------------------------------------- models per stage
+
+
+def _load_htc(cfg: TrainConfig, tokenizer) -> HTCForConditionalGeneration:
+    m = cfg.model
+    attn = {"attn_implementation": m.attn_implementation}
+    if m.init:
+        if not (Path(m.init) / "config.json").exists():
+            raise HTCError(f"model.init {m.init} is not an HTC checkpoint folder (no config.json); "
+                           f"train the previous stage first")
+        return HTCForConditionalGeneration.from_pretrained(m.init, **m.overrides(), **attn)
+    if m.llava:
+        voco = tokenizer.convert_tokens_to_ids("<voco>")
+        return HTCForConditionalGeneration.from_llava(m.llava, voco_token_id=voco, **m.overrides())
+    # From parts: the architecture's config, a pretrained tower, optionally a pretrained LM.
+    if not m.vision_tower:
+        raise HTCError("a model built from parts needs model.vision_tower (a pretrained tower folder): "
+                       "a language model on a random tower learns to ignore the image")
+    config = build_config(m.arch, tokenizer, **m.overrides())
+    tower = AutoModel.from_pretrained(m.vision_tower)
+    config.vision_config = tower.config
+    model = HTCForConditionalGeneration(config)
+    model.model.vision_tower.load_state_dict(tower.state_dict())
+    if m.language_model:
+        lm = AutoModelForCausalLM.from_pretrained(m.language_model)
+        lm.resize_token_embeddings(len(tokenizer))
+        model.model.language_model.load_state_dict(lm.model.state_dict())
+        model.lm_head.load_state_dict(lm.lm_head.state_dict())
+    model.set_attn_implementation(m.attn_implementation)
+    return model
+
+
+def freeze_for_stage(model: HTCForConditionalGeneration, cfg: TrainConfig) -> list[str]:
+    """Train the stage's parts only; parts the compression does not use stay frozen (DDP needs it)."""
+    prefixes = cfg.trainable_prefixes()
+    unused = ("model.voco_embeddings.",) if not model.config.compresses else ()
+    if model.config.compression == "discrete":  # no patch token reaches the LM
+        unused += ("model.multi_modal_projector.", "model.vision_tower.")
+    trained = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(prefixes) and not name.startswith(unused))
+        if p.requires_grad:
+            trained.append(name)
+    return trained
+
+
+# ---------------------------------------------------------------------- the stages
+
+
+def _finish(trainer: Trainer, cfg: TrainConfig, save) -> Path:
+    out = Path(cfg.output_dir) / "model"
+    if trainer.is_world_process_zero():
+        with atomic_dir(out, overwrite=True) as tmp:
+            save(tmp)
+            (tmp / "train_config.yaml").write_text(cfg.to_yaml())
+    trainer.accelerator.wait_for_everyone()
+    return out
+
+
+def _train_vision(cfg: TrainConfig, callbacks) -> Path:
+    from ..presets import tiny_vision_config
+    from .vision_pretrain import SceneAttributeDataset, VisionPretrainModel
+
+    if not cfg.data.scenes:
+        raise HTCError("the vision stage needs data.scenes (a scenes.jsonl of the generated benchmark); "
+                       "it is for the embedded default only: real-scale models start from CLIP")
+    torch.manual_seed(cfg.optim.seed)
+    vc = tiny_vision_config()
+    model = VisionPretrainModel(vc)
+    data = SceneAttributeDataset(cfg.data.scenes, cfg.data.images, vc.image_size, vc.patch_size)
+    trainer = HTCTrainer(model=model, args=training_arguments(cfg), train_dataset=data, callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=last_checkpoint(cfg.output_dir))
+    return _finish(trainer, cfg, lambda tmp: model.save_tower(tmp))
+
+
+def train(cfg: TrainConfig, callbacks: list | None = None) -> Path:
+    """Run (or resume) one stage; returns the folder of the final model."""
+    callbacks = [CommitMarker()] + list(callbacks or [])
+    if cfg.stage == "vision":
+        return _train_vision(cfg, callbacks)
+    if not cfg.data.tokenizer or not Path(cfg.data.tokenizer).is_dir():
+        raise HTCError(f"data.tokenizer {cfg.data.tokenizer!r} is not a tokenizer folder")
+    tokenizer = AutoTokenizer.from_pretrained(cfg.data.tokenizer)
+    torch.manual_seed(cfg.optim.seed)
+    model = _load_htc(cfg, tokenizer)
+    if cfg.stage == "compress" and not model.config.compresses:
+        raise HTCError("the compress stage needs model.compression = voco, htc or discrete")
+    if cfg.stage in ("align", "instruct") and model.config.compresses:
+        raise HTCError(f"the {cfg.stage} stage trains the uncompressed model; set model.compression=none")
+    freeze_for_stage(model, cfg)
+    features = None
+    if model.config.compression in ("htc", "discrete"):
+        from ..vq.store import FeatureStore
+
+        if not cfg.data.features:
+            raise HTCError(f"compression={model.config.compression!r} needs data.features (a discrete feature store)")
+        features = FeatureStore(cfg.data.features, expected_dim=model.config.discrete_dim)
+    data = LlavaDataset(cfg.data.conversations, cfg.data.images, tokenizer, model.config, cfg.data.template,
+                        features, cfg.data.max_length, cfg.data.image_norm, cfg.data.resize)
+    trainer = HTCTrainer(model=model, args=training_arguments(cfg), train_dataset=data,
+                         data_collator=Collator(tokenizer.pad_token_id), processing_class=tokenizer,
+                         callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=last_checkpoint(cfg.output_dir))
+
+    def save(tmp: Path) -> None:
+        trainer.model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return _finish(trainer, cfg, save)
+
+
+def steps_per_epoch(n_samples: int, cfg: TrainConfig, world: int = 1) -> int:
+    per_step = cfg.optim.per_device_train_batch_size * cfg.optim.gradient_accumulation_steps * world
+    return math.ceil(n_samples / per_step)
+
+
+def clean_incomplete(output_dir: str | Path) -> None:
+    """Remove checkpoint folders that never got their marker (a crash mid-save)."""
+    for p in Path(output_dir).glob("checkpoint-*"):
+        if not (p / MARKER).exists():
+            shutil.rmtree(p, ignore_errors=True)

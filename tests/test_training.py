@@ -1,0 +1,196 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from htc_vlm import HTCError, HTCForConditionalGeneration
+from htc_vlm.cli import main
+from htc_vlm.presets import build_config
+from htc_vlm.training.config import PRESET_DIR, STAGES, load_config
+from htc_vlm.training.run import MARKER, last_checkpoint, train
+
+SMALL = ["optim.per_device_train_batch_size=2", "optim.logging_steps=1", "data.max_length=400"]
+
+
+def _args(run: Path, stage: str, out: str, *extra: str) -> list[str]:
+    s = run / "scenes"
+    return [f"stage={stage}", f"output_dir={run / out}", f"data.images={s / 'images'}",
+            f"data.tokenizer={s / 'tokenizer'}", f"data.features={run / 'features.safetensors'}",
+            f"data.scenes={s / 'train' / 'scenes.jsonl'}", f"data.conversations={s / 'train' / 'conversations.json'}",
+            *SMALL, *extra]
+
+
+@pytest.fixture(scope="module")
+def instructed(tiny_run):
+    """vision -> align -> instruct, two steps each, through the CLI."""
+    run = tiny_run
+    assert main(["train", "--config", "tiny", *_args(run, "vision", "vision", "optim.max_steps=2")]) == 0
+    assert main(["train", "--config", "tiny", *_args(run, "align", "align", "optim.max_steps=2",
+                                                      f"model.vision_tower={run / 'vision' / 'model'}",
+                                                      f"data.conversations={run / 'scenes/train/captions.json'}")]) == 0
+    assert main(["train", "--config", "tiny", *_args(run, "instruct", "instruct", "optim.max_steps=2",
+                                                      f"model.init={run / 'align' / 'model'}")]) == 0
+    return run
+
+
+def test_every_shipped_yaml_builds_its_config(tmp_path):
+    from htc_vlm.data.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    presets = sorted(PRESET_DIR.glob("*.yaml"))
+    assert {p.stem for p in presets} == {"tiny", "llava-1.5-7b"}
+    for path in presets:
+        stages = yaml.safe_load(path.read_text())["stages"]
+        for stage in stages:
+            cfg = load_config(path.stem, [f"stage={stage}"])
+            assert cfg.stage == stage and cfg.model.arch == path.stem
+            if stage != "vision":
+                config = build_config(cfg.model.arch, tok, **cfg.model.overrides())
+                assert config.compression == (cfg.model.compression or "none")
+    big = build_config("llava-1.5-7b", tok, compression="htc")
+    assert (big.num_patches, big.discrete_dim, big.num_image_tokens) == (576, 14112, 580)
+    assert big.text_config.hidden_size == 4096 and big.vision_feature_layer == -2
+    # the 7B recipe, its dimensions shrunk, builds and runs a forward
+    small = build_config("llava-1.5-7b", tok, compression="htc", anchor_hidden_size=64,
+                         vision_config=big.vision_config.to_dict() | dict(hidden_size=32, intermediate_size=64,
+                                                                          num_hidden_layers=2, num_attention_heads=4),
+                         text_config=big.text_config.to_dict() | dict(hidden_size=64, intermediate_size=128,
+                                                                      num_hidden_layers=2, num_attention_heads=4,
+                                                                      num_key_value_heads=4))
+    model = HTCForConditionalGeneration(small)
+    assert model.model.anchor_projector.linear_1.in_features == 14112
+    cfg = load_config("llava-1.5-7b", ["stage=compress"])
+    assert cfg.optim.learning_rate == 2e-5 and cfg.optim.deepspeed == "zero3" and cfg.optim.bf16
+    for name in ("zero2", "zero3"):
+        assert json.loads((PRESET_DIR.parent / "deepspeed" / f"{name}.json").read_text())["zero_optimization"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optim.learnig_rate=1"], "unknown config key optim.'learnig_rate'"),
+    (["modle.arch=tiny"], "unknown config key 'modle'"),
+    (["stage=pretrain"], "unknown stage 'pretrain'"),
+    (["trainable=[eyes]"], "unknown trainable part 'eyes'"),
+    (["lr"], "must be key=value"),
+])
+def test_bad_config_keys(overrides, message):
+    with pytest.raises(HTCError, match=message):
+        load_config("tiny", overrides)
+
+
+def test_stages_train_and_save_loadable_models(instructed):
+    run = instructed
+    model = HTCForConditionalGeneration.from_pretrained(run / "instruct" / "model")
+    assert model.config.compression == "none"
+    assert (run / "instruct" / "model" / "tokenizer.json").exists()
+    assert yaml.safe_load((run / "instruct" / "model" / "train_config.yaml").read_text())["stage"] == "instruct"
+    assert (Path(last_checkpoint(run / "instruct")) / MARKER).exists()
+    # the vision tower is frozen after its stage: instruct kept it exactly
+    tower = load_file(run / "vision" / "model" / "model.safetensors")
+    ours = {k.removeprefix("model.vision_tower."): v for k, v in model.state_dict().items() if "vision_tower" in k}
+    assert all(torch.equal(ours[k], v) for k, v in tower.items())
+
+
+@pytest.mark.parametrize("compression", ["htc", "voco", "discrete"])
+def test_compress_stage(instructed, compression):
+    run = instructed
+    before = HTCForConditionalGeneration.from_pretrained(run / "instruct" / "model")
+    assert main(["train", "--config", "tiny", *_args(run, "compress", f"c-{compression}", "optim.max_steps=2",
+                                                      f"model.init={run / 'instruct' / 'model'}",
+                                                      f"model.compression={compression}")]) == 0
+    after = HTCForConditionalGeneration.from_pretrained(run / f"c-{compression}" / "model")
+    assert after.config.compression == compression and after.config.num_voco == 1
+    b, a = before.state_dict(), after.state_dict()
+    assert all(torch.equal(b[k], a[k]) for k in b if "vision_tower" in k)
+    assert not torch.equal(b["lm_head.weight"], a["lm_head.weight"])
+
+
+def _final_weights(path):
+    return load_file(Path(path) / "model" / "model.safetensors")
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+def test_same_seed_same_weights_and_resume_equals_uninterrupted(instructed):
+    run = instructed
+    base = _args(run, "instruct", "", "optim.max_steps=4", "optim.save_steps=2", f"model.init={run / 'align' / 'model'}")
+
+    def cfg(out):
+        return load_config("tiny", base + [f"output_dir={run / out}"])
+
+    train(cfg("det-a"))
+    train(cfg("det-b"))
+    a, b = _final_weights(run / "det-a"), _final_weights(run / "det-b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    train(cfg("det-c"), callbacks=[StopAt(2)])  # interrupted after step 2 (its checkpoint saved)
+    assert Path(last_checkpoint(run / "det-c")).name == "checkpoint-2"
+    train(cfg("det-c"))  # resumes from checkpoint-2
+    c = _final_weights(run / "det-c")
+    assert all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(instructed):
+    run = instructed
+    out = run / "nan"
+    cfg = load_config("tiny", _args(run, "instruct", "nan", "optim.max_steps=6", "optim.save_steps=1",
+                                    "optim.learning_rate=1e30", "optim.max_grad_norm=0", "optim.warmup_ratio=0",
+                                    f"model.init={run / 'align' / 'model'}"))
+    with pytest.raises(HTCError, match="the loss became nan.*last good checkpoint: .*checkpoint-"):
+        train(cfg)
+    last = Path(last_checkpoint(out))
+    HTCForConditionalGeneration.from_pretrained(last)  # intact and loadable
+    assert not (out / "model").exists()
+
+
+def test_bad_training_data_is_named(instructed, tmp_path):
+    run = instructed
+    convs = json.loads((run / "scenes/train/conversations.json").read_text())[:4]
+    cases = {
+        "no-image-token": lambda c: c[1]["conversations"][0].update(value="What?"),
+        "missing-image": lambda c: c[2].update(image="nope.png"),
+    }
+    for name, spoil in cases.items():
+        data = json.loads(json.dumps(convs))
+        spoil(data)
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(data))
+        cfg = load_config("tiny", _args(run, "instruct", f"bad-{name}", "optim.max_steps=1",
+                                        f"model.init={run / 'align' / 'model'}", f"data.conversations={path}"))
+        with pytest.raises(HTCError, match=r"sample 'train_00000[12]'"):
+            train(cfg)
+    # an image id missing from the feature store
+    from htc_vlm.vq.store import write_store
+
+    write_store({"other.png": torch.zeros(32 * 16 * 16)}, tmp_path / "f.safetensors")
+    cfg = load_config("tiny", _args(run, "compress", "bad-store", "optim.max_steps=1", "model.compression=htc",
+                                    f"model.init={run / 'instruct' / 'model'}", f"data.features={tmp_path / 'f.safetensors'}"))
+    with pytest.raises(HTCError, match="image id 'train_000000.png' is not in the feature store"):
+        train(cfg)
+
+
+def test_torchrun_two_ranks_hold_identical_weights(instructed, tmp_path):
+    run = instructed
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           str(Path(__file__).parent / "train_ddp_script.py"), str(tmp_path),
+           *_args(run, "instruct", "ddp", "optim.max_steps=2", f"model.init={run / 'align' / 'model'}")]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    digests = [(tmp_path / f"rank{r}.sha").read_text() for r in (0, 1)]
+    assert digests[0] == digests[1]
+    assert (run / "ddp" / "model" / "model.safetensors").exists()

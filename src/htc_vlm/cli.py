@@ -138,6 +138,77 @@ def train(
     console.print(f"model: {out}", highlight=False)
 
 
+def load_model(model_dir: Path, method: str = "model"):
+    """A trained HTC model and its tokenizer; ``method`` may re-read it under another compression."""
+    from transformers import AutoTokenizer
+
+    from .methods import load_for_method
+
+    if not (model_dir / "config.json").exists():
+        raise HTCError(f"{model_dir} is not a model folder (no config.json)")
+    model = load_for_method(model_dir, method)
+    return model, AutoTokenizer.from_pretrained(model_dir)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[Path, typer.Option(help="Model folder (a training stage's model/).")],
+    benchmark: Annotated[str, typer.Option(help="vqav2, gqa, textvqa, pope, mme, mmbench, seed, scienceqa_img, scenes_open.")],
+    questions: Annotated[Path, typer.Option(help="LLaVA-style question JSONL.")],
+    images: Annotated[Path, typer.Option(help="Image folder the questions' image fields are relative to.")],
+    out: Annotated[Path, typer.Option(help="Output folder: predictions.jsonl and metrics.json.")],
+    method: Annotated[str, typer.Option(help="How to run the model (see the methods table).")] = "model",
+    features: Annotated[Path | None, typer.Option(help="Discrete feature store (htc / discrete models).")] = None,
+    template: Annotated[str, typer.Option(help="Chat template: plain or vicuna_v1.")] = "plain",
+    batch_size: Annotated[int, typer.Option(help="Questions per batch.")] = 32,
+    likelihood: Annotated[bool, typer.Option(help="Multiple choice by the likelihood of each option letter.")] = False,
+    image_norm: Annotated[str, typer.Option(help="half ([-1, 1]) or clip.")] = "half",
+) -> None:
+    """Answer a question file (each image compressed once) and score it; resumes after a crash."""
+    from .evaluation.runner import read_questions, run_eval
+    from .vq.store import FeatureStore
+
+    m, tok = load_model(model, method)
+    store = FeatureStore(features, expected_dim=m.config.discrete_dim) if features else None
+    n = len(read_questions(questions))
+    with progress_bar() as bar:
+        task = bar.add_task(f"{benchmark} ({method})", total=n)
+        result = run_eval(m, tok, benchmark, questions, images, out, method=method, features=store, template=template,
+                          batch_size=batch_size, likelihood=likelihood, image_norm=image_norm,
+                          progress=lambda k: bar.advance(task, k), model_name=str(model))
+    console.print(f"{benchmark}: " + ", ".join(f"{k} {v:.2f}" for k, v in result["scores"].items())
+                  + f" -> {out / 'metrics.json'}", highlight=False)
+
+
+@app.command()
+def retention(
+    upper: Annotated[list[Path], typer.Option(help="metrics.json of the upper bound (repeat per benchmark).")],
+    lower: Annotated[list[Path], typer.Option(help="metrics.json of the lower bound (repeat per benchmark).")],
+    runs: Annotated[list[Path], typer.Argument(help="metrics.json files of the methods to compare.")],
+    out: Annotated[Path | None, typer.Option(help="Write the table as JSON here.")] = None,
+) -> None:
+    """Print the paper's Table 1 layout: score and retention (R - L) / (U - L) per benchmark."""
+    import json
+
+    from .evaluation.retention import load_scores, markdown, table
+    from .io import atomic_write_bytes
+
+    def merged(paths):
+        scores = {}
+        for p in paths:
+            scores |= load_scores(p)[1]
+        return scores
+
+    methods: dict[str, dict[str, float]] = {}
+    for p in runs:
+        name, scores = load_scores(p)
+        methods.setdefault(name, {}).update(scores)
+    t = table(merged(upper), merged(lower), methods)
+    typer.echo(markdown(t))
+    if out:
+        atomic_write_bytes(out, (json.dumps(t, indent=1) + "\n").encode())
+
+
 @app.command()
 def reproduce(
     out: Annotated[Path, typer.Option(help="Run folder; finished stages are skipped when run again.")] = Path("runs/tiny"),

@@ -12,9 +12,12 @@ from .errors import HTCError
 
 
 def tiny_vision_config(image_size: int = 64) -> CLIPVisionConfig:
-    """A from-scratch CLIP-style tower: 64 px / patch 8 -> 64 patch tokens."""
+    """A from-scratch CLIP-style tower whose patches are the scenes' grid cells: 64 px / patch 21 ->
+    3 x 3 = 9 patch tokens, one object each. (With patch 8, 64 tokens, a from-scratch 4-layer
+    language model learned only pooled facts in our budget: counting 0.82, but colour of a named
+    object 0.20, i.e. chance, after 6 epochs.)"""
     return CLIPVisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                            image_size=image_size, patch_size=8, hidden_act="gelu")
+                            image_size=image_size, patch_size=image_size // 3, hidden_act="gelu")
 
 
 def _tiny(vocab_size: int, image_token_id: int, voco_token_id: int, pad_token_id: int, bos_token_id: int,

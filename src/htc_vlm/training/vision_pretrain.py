@@ -3,9 +3,9 @@
 Real VLMs start from a pretrained tower (CLIP); a language model trained on top of a random tower
 learns to ignore the image (a trial here stayed at the image-blind loss for 1,000+ steps). We
 pre-train by **dense attribute prediction** rather than contrastive image-caption training: the
-scene generator knows what lies under every patch, so a linear read-out of *each patch token
-alone* must give the shape, colour, texture and size of the object under it (or "background")
-and the grid cell the patch is in. That makes every patch token carry its own content and place,
+scene generator knows what lies in every grid cell, so a linear read-out of *each patch token
+alone* must give the shape, colour, texture and size of the object in the patch's cell (or
+"empty") and the cell itself. That makes every patch token carry its own content and place,
 which is what the language model's attention can look up; it converges in about a minute on
 2 CPU cores, where contrastive training would need a text tower and large batches. (A first
 version read all patches through one linear head: the tower then spread the information across
@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from transformers import AutoConfig, AutoModel
 
 from ..data.images import load_rgb, to_tensor
-from ..data.scenes import COLORS, GRID, SHAPES, SIZES, TEXTURES, _sprite_sizes
+from ..data.scenes import COLORS, GRID, SHAPES, SIZES, TEXTURES
 
 # Object attributes have an extra class 0 = background; "cell" is the patch's grid cell.
 ATTRIBUTES = {"shape": SHAPES, "color": tuple(COLORS), "texture": TEXTURES, "size": SIZES}
@@ -34,21 +34,20 @@ NUM_CLASSES = [len(v) + 1 for v in ATTRIBUTES.values()] + [GRID * GRID]
 
 
 def patch_labels(objects: list[dict], image_size: int, patch_size: int) -> torch.Tensor:
-    """(N, A) class ids per patch: the attributes of the object under the patch centre, and its cell."""
+    """(N, A) class ids per patch: the attributes of the object in the grid cell holding the patch
+    centre (0 when the cell is empty), and that cell's index."""
     side = image_size // patch_size
-    sides = _sprite_sizes(image_size)
-    cell = image_size / GRID
+    cell = image_size // GRID
+    by_cell = {o["row"] * GRID + o["col"]: o for o in objects}
     labels = torch.zeros(side * side, len(NUM_CLASSES), dtype=torch.long)
     for r in range(side):
         for c in range(side):
-            cy, cx = r * patch_size + patch_size / 2, c * patch_size + patch_size / 2
-            n = r * side + c
-            labels[n, -1] = min(int(cy // cell), GRID - 1) * GRID + min(int(cx // cell), GRID - 1)
-            for o in objects:
-                s = sides[o["size"]]
-                if o["x"] <= cx < o["x"] + s and o["y"] <= cy < o["y"] + s:
-                    for a, (name, values) in enumerate(ATTRIBUTES.items()):
-                        labels[n, a] = values.index(o[name]) + 1
+            cy, cx = r * patch_size + patch_size // 2, c * patch_size + patch_size // 2
+            k = min(cy // cell, GRID - 1) * GRID + min(cx // cell, GRID - 1)
+            labels[r * side + c, -1] = k
+            if k in by_cell:
+                for a, (name, values) in enumerate(ATTRIBUTES.items()):
+                    labels[r * side + c, a] = values.index(by_cell[k][name]) + 1
     return labels
 
 

@@ -1,0 +1,131 @@
+"""``htc-vlm eval``: answer a LLaVA-style question file with a model and score it.
+
+Writes ``predictions.jsonl`` (appended batch by batch, so a crash loses at most one batch; the
+question ids already there are skipped on the next run) and ``metrics.json`` (atomically).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..data.scenes import mc_prompt
+from ..errors import HTCError
+from ..io import atomic_write_bytes
+from .answering import ImageSource, answer_questions
+from .scorers import get_benchmark
+from .scorers.mcq import rotations
+
+
+def read_questions(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise HTCError(f"question file not found: {path}")
+    rows, seen = [], {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise HTCError(f"{path}:{n}: not JSON ({e.msg})") from e
+        for key in ("question_id", "image", "text"):
+            if key not in row:
+                raise HTCError(f"{path}:{n}: missing {key!r}")
+        qid = str(row["question_id"])
+        if qid in seen:
+            raise HTCError(f"{path}:{n}: duplicate question_id {qid!r} (first on line {seen[qid]})")
+        seen[qid] = n
+        rows.append(row | {"question_id": qid})
+    if not rows:
+        raise HTCError(f"{path} holds no questions")
+    return rows
+
+
+def _read_predictions(path: Path, benchmark: str) -> dict[str, str]:
+    done = {}
+    if path.exists():
+        text = path.read_text()
+        if text and not text.endswith("\n"):  # a line cut by a crash: drop it, it is answered again
+            text = text[: text.rfind("\n") + 1]
+            atomic_write_bytes(path, text.encode())
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise HTCError(f"{path}:{n}: not a prediction line ({e.msg}); delete the file to start over") from e
+            if row.get("benchmark") != benchmark:
+                raise HTCError(f"{path}:{n} holds predictions for benchmark {row.get('benchmark')!r}, "
+                               f"not {benchmark!r}; use another --out")
+            done[row["question_id"]] = row["prediction"]
+    return done
+
+
+def prompt_for(row: dict, suffix: str) -> str:
+    text = mc_prompt(row["question"], row["options"]) if "question" in row and "options" in row else row["text"]
+    return f"{text} {suffix}".strip() if suffix else text
+
+
+@torch.no_grad()
+def answer_by_likelihood(model, tokenizer, rows: list[dict], source: ImageSource, prompt, template: str,
+                         batch_size: int) -> list[dict]:
+    """Pick the option letter whose token the model finds most likely after the prompt."""
+    from ..data.llava import PromptBuilder, get_template
+    from .answering import left_pad
+
+    builder = PromptBuilder(tokenizer, get_template(template), model.config)
+    out = []
+    for b in range(0, len(rows), batch_size):
+        chunk = rows[b:b + batch_size]
+        pix, q = source.batch([r["image"] for r in chunk])
+        cache = model.compress(pix, q, prefix_ids=builder.prefix_ids())
+        ids, mask = left_pad([builder.question_ids(prompt(r)) for r in chunk], tokenizer.pad_token_id)
+        logits = model(**model.answer_inputs(cache, ids, mask)).logits[:, -1]  # (Q, V)
+        for r, row_logits in zip(chunk, logits):
+            letters = "ABCDEFGH"[: len(r.get("options") or "ABCD")]
+            letter_ids = [tokenizer.convert_tokens_to_ids(x) for x in letters]
+            out.append({"question_id": r["question_id"], "prediction": letters[int(row_logits[letter_ids].argmax())]})
+    return out
+
+
+def run_eval(model, tokenizer, benchmark: str, questions_file: str | Path, images: str | Path, out: str | Path,
+             method: str = "model", features=None, template: str = "plain", batch_size: int = 32,
+             max_new_tokens: int = 8, likelihood: bool = False, image_norm: str = "half", resize: bool = False,
+             progress=None, model_name: str = "") -> dict:
+    bench = get_benchmark(benchmark)
+    rows = read_questions(questions_file)
+    if bench.name == "mmbench":
+        rows = [r for row in rows for r in rotations(row)]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    pred_path = out / "predictions.jsonl"
+    done = _read_predictions(pred_path, bench.name)
+    todo = [r for r in rows if r["question_id"] not in done]
+    source = ImageSource(images, model, features, image_norm, resize)
+    for r in {r["image"] for r in todo}:
+        if not (Path(images) / r).is_file():
+            qid = next(x["question_id"] for x in todo if x["image"] == r)
+            raise HTCError(f"question {qid!r}: image {Path(images) / r} not found")
+
+    def prompt(r):
+        return prompt_for(r, bench.prompt_suffix)
+
+    if likelihood and not bench.multiple_choice:
+        raise HTCError(f"--likelihood is for multiple-choice benchmarks; {bench.name} is open-ended")
+    with open(pred_path, "a") as f:
+        answers = (answer_by_likelihood(model, tokenizer, todo, source, prompt, template, batch_size) if likelihood
+                   else answer_questions(model, tokenizer, todo, source, prompt, template, batch_size,
+                                         max_new_tokens, progress))
+        for a in answers:
+            f.write(json.dumps({"benchmark": bench.name, **a}) + "\n")
+            f.flush()
+            done[a["question_id"]] = a["prediction"]
+    metrics = bench.score(rows, done)
+    result = {"benchmark": bench.name, "method": method, "model": model_name, "questions": str(questions_file),
+              "scores": {bench.name: metrics[bench.headline]}, "metrics": metrics}
+    atomic_write_bytes(out / "metrics.json", (json.dumps(result, indent=1) + "\n").encode())
+    return result

@@ -1,0 +1,46 @@
+"""Benchmark scorers, one file each, and their registry. Adding a benchmark = one scorer file plus
+an entry here (its question format is the LLaVA-style JSONL the runner reads).
+
+Each scorer is ``score(questions, predictions) -> dict`` where ``questions`` are the question-file
+rows and ``predictions`` maps question_id to the model's raw text. Every metric is in percent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ...errors import HTCError
+from . import gqa, mcq, mme, pope, vqa
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    score: Callable[[list[dict], dict[str, str]], dict]
+    headline: str  # the metric of the paper's tables
+    prompt_suffix: str = ""  # appended to each question, as LLaVA's evaluation scripts do
+    multiple_choice: bool = False
+    source: str = ""
+
+
+SHORT = "Answer the question using a single word or phrase."
+BENCHMARKS = {b.name: b for b in (
+    Benchmark("vqav2", vqa.score, "accuracy", SHORT, source="VQAv2 official vqaEval.py"),
+    Benchmark("textvqa", vqa.score, "accuracy", SHORT, source="VQAv2 official vqaEval.py (TextVQA uses it)"),
+    Benchmark("gqa", gqa.score, "accuracy", SHORT, source="GQA exact match (LLaVA eval_gqa)"),
+    Benchmark("pope", pope.score, "f1", SHORT, source="POPE (LLaVA eval_pope parsing)"),
+    Benchmark("mme", mme.score, "perception", source="MME official calculation.py"),
+    Benchmark("mmbench", mcq.score_circular, "circular_accuracy", multiple_choice=True,
+              source="MMBench circular evaluation"),
+    Benchmark("seed", mcq.score, "accuracy", multiple_choice=True, source="SEED-Bench letter accuracy"),
+    Benchmark("scienceqa_img", mcq.score, "accuracy", multiple_choice=True, source="ScienceQA-IMG letter accuracy"),
+    # The generated scene benchmark's open family is scored like VQAv2 with its single answer.
+    Benchmark("scenes_open", vqa.score, "accuracy", source="VQAv2 rules, one reference answer"),
+)}
+
+
+def get_benchmark(name: str) -> Benchmark:
+    if name not in BENCHMARKS:
+        raise HTCError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+    return BENCHMARKS[name]

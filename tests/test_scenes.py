@@ -28,7 +28,7 @@ def test_cli_writes_every_file_and_is_deterministic(tmp_path):
 
     assert len(list((a / "images").glob("*.png"))) == 40
     conv = json.loads((a / "train" / "conversations.json").read_text())
-    assert len(conv) == 30 and set(conv[0]) == {"id", "image", "conversations"}
+    assert len({c["image"] for c in conv}) == 30 and set(conv[0]) == {"id", "image", "conversations"}
     turns = conv[0]["conversations"]
     assert turns[0]["from"] == "human" and turns[0]["value"].startswith("<image>\n")
     assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)

@@ -209,6 +209,107 @@ def retention(
         atomic_write_bytes(out, (json.dumps(t, indent=1) + "\n").encode())
 
 
+def _image_encoder(model, features: Path | None, vq: Path | None, image_norm: str = "half"):
+    from .inference import ImageEncoder
+    from .vq.model import MultiGroupVQ
+    from .vq.store import FeatureStore
+
+    store = FeatureStore(features, expected_dim=model.config.discrete_dim) if features else None
+    tok = None
+    if vq is not None:
+        tok = MultiGroupVQ.load(vq / "tokenizer" if (vq / "tokenizer" / "config.json").exists() else vq)
+        if tok.config.q_dim != model.config.discrete_dim:
+            raise HTCError(f"the VQ tokenizer {vq} gives q of length {tok.config.q_dim}; the model expects "
+                           f"{model.config.discrete_dim}")
+    return ImageEncoder(model, store, tok, image_norm)
+
+
+@app.command()
+def compress(
+    model: Annotated[Path, typer.Option(help="Model folder.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files to compress.")],
+    out: Annotated[Path, typer.Option(help="Folder for the caches (IMAGE_STEM.safetensors).")],
+    features: Annotated[Path | None, typer.Option(help="Discrete feature store (htc / discrete models).")] = None,
+    vq: Annotated[Path | None, typer.Option(help="VQ tokenizer folder computing q on the fly instead.")] = None,
+    template: Annotated[str, typer.Option(help="Chat template whose prefix is cached with the image.")] = "plain",
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 16,
+) -> None:
+    """Write one visual cache per image (its voco keys and values); images already compressed are skipped."""
+    from .inference import compress_images
+
+    m, tok = load_model(model)
+    enc = _image_encoder(m, features, vq)
+    with progress_bar() as bar:
+        task = bar.add_task("compressing", total=len(images))
+        written, failed = compress_images(m, enc, images, out, template, tok, batch_size,
+                                          progress=lambda k: bar.advance(task, k))
+    for msg in failed:
+        console.print(f"[red]failed:[/red] {msg}", highlight=False)
+    console.print(f"wrote {len(written)} caches to {out}, skipped {len(images) - len(written) - len(failed)} "
+                  f"already there, {len(failed)} failed", highlight=False)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def ask(
+    model: Annotated[Path, typer.Option(help="Model folder.")],
+    questions: Annotated[list[str], typer.Argument(help="One or more questions.")],
+    image: Annotated[Path | None, typer.Option(help="An image: compressed once, then every question answered.")] = None,
+    cache: Annotated[Path | None, typer.Option(help="A visual cache written by `htc-vlm compress`.")] = None,
+    features: Annotated[Path | None, typer.Option(help="Discrete feature store (htc / discrete models).")] = None,
+    vq: Annotated[Path | None, typer.Option(help="VQ tokenizer folder computing q on the fly.")] = None,
+    template: Annotated[str, typer.Option(help="Chat template.")] = "plain",
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 32,
+) -> None:
+    """Answer questions about one image from its visual cache (made on the spot from --image)."""
+    from .cache import VisualCache
+    from .data.llava import PromptBuilder, get_template
+    from .inference import ask as ask_cache
+
+    if (image is None) == (cache is None):
+        raise HTCError("give exactly one of --image or --cache")
+    m, tok = load_model(model)
+    if cache is not None:
+        vc = VisualCache.load(cache, expected_fingerprint=m.fingerprint())
+    else:
+        pix, q = _image_encoder(m, features, vq).encode([image])
+        vc = m.compress(pix, q, prefix_ids=PromptBuilder(tok, get_template(template), m.config).prefix_ids())
+    for question, answer in zip(questions, ask_cache(m, tok, vc, questions, template, max_new_tokens)):
+        typer.echo(f"Q: {question}\nA: {answer}")
+
+
+@app.command()
+def bench(
+    model: Annotated[Path | None, typer.Option(help="A compressing model folder to measure.")] = None,
+    preset: Annotated[str, typer.Option(help="Without --model: a random-weight preset, tiny or mid.")] = "mid",
+    out: Annotated[Path, typer.Option(help="Folder for bench.json and bench.png.")] = Path("runs/bench"),
+    question_tokens: Annotated[int, typer.Option(help="Question length in tokens.")] = 20,
+    answer_tokens: Annotated[int, typer.Option(help="Tokens decoded per answer.")] = 16,
+    reps: Annotated[int, typer.Option(help="Timed repetitions (the median is kept).")] = 3,
+) -> None:
+    """Uncompressed vs compressed, side by side on the same weights: KV bytes, FLOPs, times."""
+    import torch
+    from rich.table import Table
+
+    from .efficiency import bench_config, run_bench, table_rows, write_outputs
+    from .modeling import HTCForConditionalGeneration
+
+    if model is not None:
+        m, _ = load_model(model)
+    else:
+        torch.manual_seed(0)
+        m = HTCForConditionalGeneration(bench_config(preset))
+    console.print(f"measuring ({torch.get_num_threads()} threads) ...")
+    result = run_bench(m, question_tokens, answer_tokens, reps)
+    t = Table("", "uncompressed", "compressed", "ratio", title=f"htc-vlm bench: {model or preset}")
+    for row in table_rows(result):
+        t.add_row(*row)
+    Console().print(t)
+    for p in write_outputs(result, out):
+        console.print(f"wrote {p}", highlight=False)
+
+
 @app.command()
 def reproduce(
     out: Annotated[Path, typer.Option(help="Run folder; finished stages are skipped when run again.")] = Path("runs/tiny"),

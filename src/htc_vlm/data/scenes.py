@@ -347,20 +347,23 @@ def test_questions(scenes: list[Scene], seed: int, open_per_image: int = 4) -> d
     return families
 
 
-def train_conversation(scene: Scene, rng: random.Random, popularity: list[str]) -> dict:
-    """A LLaVA-665k style multi-turn conversation mixing every family's question kinds."""
+def train_conversations(scene: Scene, rng: random.Random, popularity: list[str]) -> list[dict]:
+    """LLaVA-format records for one training image: one question-answer pair each, mixing every
+    family's question kinds (several records may share an image, as in LLaVA-665k).
+
+    One pair per record rather than a multi-turn conversation: in a conversation about one scene,
+    earlier answers give later ones away ("Is the diamond small? yes" before "What size is the
+    diamond?"), and a tiny model trained that way learned the text shortcuts instead of the image
+    (counting 0.62 after 6 multi-turn epochs, 1.00 after 1 single-turn epoch).
+    """
     qa = list(_open_questions(scene, rng).values())
     qa += _pope_questions(scene, rng, rng.choice(POPE_SPLITS), popularity)[:2]
     qa += _mme_pair(scene, rng, rng.choice(MME_SUBTASKS))
     qa.append(_mc_question(scene, rng, rng.choice(MC_KINDS)))
     rng.shuffle(qa)
-    turns = []
-    for j, q in enumerate(qa):
-        # No "Answer the question using a single word or phrase." suffix (LLaVA-665k's VQA prompt):
-        # every answer here is short, and the suffix would double the text a tiny model trains on.
-        turns.append({"from": "human", "value": (f"{IMAGE_TOKEN}\n" if j == 0 else "") + q["text"]})
-        turns.append({"from": "gpt", "value": q["answer"]})
-    return {"id": scene.id, "image": scene.image, "conversations": turns}
+    return [{"id": f"{scene.id}-{j:02d}", "image": scene.image, "conversations": [
+        {"from": "human", "value": f"{IMAGE_TOKEN}\n" + q["text"]}, {"from": "gpt", "value": q["answer"]}]}
+        for j, q in enumerate(qa)]
 
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
@@ -389,7 +392,7 @@ def write_benchmark(out: Path, n_train: int, n_test: int, seed: int, image_size:
         images/{split}_{i:06d}.png      all images
         train/scenes.jsonl              ground-truth objects per scene (also used by probing)
         train/captions.json             LLaVA stage-1 caption file (alignment)
-        train/conversations.json        LLaVA-665k style conversation file (instruction tuning)
+        train/conversations.json        LLaVA-665k format, one question-answer record each (instruction tuning)
         test/scenes.jsonl
         test/{family}.jsonl             question_id, image, text, answer, tag, template, ...
     """
@@ -412,7 +415,7 @@ def write_benchmark(out: Path, n_train: int, n_test: int, seed: int, image_size:
     train = splits["train"]
     rng = random.Random(f"htc-vlm-train-questions/{seed}")
     popularity = [c for c, _ in Counter(o.category for s in train for o in s.objects).most_common()]
-    _write_json(out / "train" / "conversations.json", [train_conversation(s, rng, popularity) for s in train])
+    _write_json(out / "train" / "conversations.json", [r for s in train for r in train_conversations(s, rng, popularity)])
     _write_json(out / "train" / "captions.json", [caption_record(s) for s in train])
     counts = {}
     for fam, qs in test_questions(splits["test"], seed).items():
@@ -449,8 +452,8 @@ def vocabulary_texts() -> list[str]:
     popularity = [f"{c} {s}" for c in COLORS for s in SHAPES]
     for s in scenes:
         texts.append(s.caption())
-        for turn in train_conversation(s, rng, popularity)["conversations"]:
-            texts.append(turn["value"])
+        for rec in train_conversations(s, rng, popularity):
+            texts += [turn["value"] for turn in rec["conversations"]]
     for qs in test_questions(scenes, 0).values():
         texts += [q["text"] for q in qs]
     return texts

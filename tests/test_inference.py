@@ -1,0 +1,92 @@
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from htc_vlm import HTCForConditionalGeneration, VisualCache
+from htc_vlm.cli import main
+from htc_vlm.efficiency import analytic, bench_config, run_bench
+from htc_vlm.presets import build_config
+
+
+@pytest.fixture(scope="module")
+def htc_model_dir(tmp_path_factory, tiny_run):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_run / "scenes" / "tokenizer")
+    torch.manual_seed(0)
+    model = HTCForConditionalGeneration(build_config("tiny", tok, compression="htc"))
+    out = tmp_path_factory.mktemp("htc")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_compress_skips_done_and_reports_bad_images(htc_model_dir, tiny_run, tmp_path, capsys):
+    imgs = sorted((tiny_run / "scenes" / "images").glob("test_*.png"))[:3]
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"no image here")
+    args = ["compress", "--model", str(htc_model_dir), "--out", str(tmp_path / "c"),
+            "--features", str(tiny_run / "features.safetensors")]
+    assert main(args + [str(p) for p in imgs] + [str(bad)]) == 1  # the good ones are written anyway
+    err = capsys.readouterr().err
+    assert "cannot decode image" in err and "broken.png" in err and "wrote 3 caches" in err
+    files = sorted((tmp_path / "c").glob("*.safetensors"))
+    assert [f.stem for f in files] == [p.stem for p in imgs]
+    model = HTCForConditionalGeneration.from_pretrained(htc_model_dir)
+    cache = VisualCache.load(files[0], expected_fingerprint=model.fingerprint())
+    assert cache.length == 1 + 2  # the template prefix ("USER :") and one voco token
+    assert main(args + [str(p) for p in imgs]) == 0
+    err = capsys.readouterr().err
+    assert "wrote 0 caches" in err and "skipped 3 already there" in err
+
+
+def test_ask_from_image_and_from_cache_agree(htc_model_dir, tiny_run, tmp_path, capsys):
+    img = sorted((tiny_run / "scenes" / "images").glob("test_*.png"))[0]
+    feats = str(tiny_run / "features.safetensors")
+    assert main(["compress", "--model", str(htc_model_dir), "--out", str(tmp_path), "--features", feats, str(img)]) == 0
+    capsys.readouterr()
+    qs = ["What color is the circle?", "How many objects are there?"]
+    assert main(["ask", "--model", str(htc_model_dir), "--image", str(img), "--features", feats, *qs]) == 0
+    from_image = capsys.readouterr().out
+    assert main(["ask", "--model", str(htc_model_dir), "--cache", str(tmp_path / f"{img.stem}.safetensors"), *qs]) == 0
+    assert capsys.readouterr().out == from_image and from_image.count("Q: ") == 2
+    assert main(["ask", "--model", str(htc_model_dir), *qs]) == 2
+    assert "exactly one of --image or --cache" in capsys.readouterr().err
+
+
+def test_a_cache_from_another_model_is_refused(htc_model_dir, tiny_run, tmp_path, capsys):
+    img = sorted((tiny_run / "scenes" / "images").glob("test_*.png"))[0]
+    assert main(["compress", "--model", str(htc_model_dir), "--out", str(tmp_path), "--features",
+                 str(tiny_run / "features.safetensors"), str(img)]) == 0
+    other = HTCForConditionalGeneration.from_pretrained(htc_model_dir)
+    with torch.no_grad():
+        other.lm_head.weight.add_(0.01)
+    other.save_pretrained(tmp_path / "other")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "other" / f).write_bytes((htc_model_dir / f).read_bytes())
+    capsys.readouterr()
+    assert main(["ask", "--model", str(tmp_path / "other"), "--cache", str(tmp_path / f"{img.stem}.safetensors"), "x?"]) == 2
+    assert "made by another model" in capsys.readouterr().err
+
+
+def test_bench_measures_side_by_side_and_writes_outputs(tmp_path):
+    torch.manual_seed(0)
+    model = HTCForConditionalGeneration(bench_config("tiny"))
+    r = run_bench(model, question_tokens=5, answer_tokens=3, reps=1, questions_per_image=(1, 4))
+    per_token = 2 * 4 * 4 * 32 * 4  # k and v, layers, kv heads, head dim, float32 bytes
+    assert r["kv_bytes_per_image"] == {"uncompressed": 9 * per_token, "compressed": per_token, "ratio": 9.0}
+    assert set(r["total_seconds"]) == {"1", "4"} and all(v > 0 for v in r["seconds"].values())
+    a = r["analytic_llava_1_5_7b"]
+    assert a["kv_bytes_uncompressed"] / a["kv_bytes_compressed"] == 576
+    assert a["kv_bytes_uncompressed"] == 576 * 2 * 32 * 32 * 128 * 2
+    assert main(["bench", "--preset", "tiny", "--out", str(tmp_path), "--reps", "1", "--answer-tokens", "2"]) == 0
+    assert json.loads((tmp_path / "bench.json").read_text())["kv_bytes_per_image"]["ratio"] == 9.0
+    assert (tmp_path / "bench.png").exists()
+
+
+def test_analytic_flops_grow_with_the_prefix():
+    c = bench_config("mid")
+    a = analytic(c, 20)
+    assert a["prefill_flops_uncompressed"] > 20 * a["prefill_flops_from_cache"]

@@ -171,7 +171,7 @@ def test_bad_training_data_is_named(instructed, tmp_path):
         path.write_text(json.dumps(data))
         cfg = load_config("tiny", _args(run, "instruct", f"bad-{name}", "optim.max_steps=1",
                                         f"model.init={run / 'align' / 'model'}", f"data.conversations={path}"))
-        with pytest.raises(HTCError, match=r"sample 'train_00000[12]'"):
+        with pytest.raises(HTCError, match=r"sample 'train_000000-0[12]'"):
             train(cfg)
     # an image id missing from the feature store
     from htc_vlm.vq.store import write_store
@@ -194,3 +194,25 @@ def test_torchrun_two_ranks_hold_identical_weights(instructed, tmp_path):
     digests = [(tmp_path / f"rank{r}.sha").read_text() for r in (0, 1)]
     assert digests[0] == digests[1]
     assert (run / "ddp" / "model" / "model.safetensors").exists()
+
+
+def test_multi_turn_llava_records_get_labels_on_answers_only(scenes_dir):
+    from transformers import AutoTokenizer
+
+    from htc_vlm.data.llava import PromptBuilder, get_template
+    from htc_vlm.presets import build_config
+
+    tok = AutoTokenizer.from_pretrained(scenes_dir / "tokenizer")
+    cfg = build_config("tiny", tok, compression="htc")
+    turns = [{"from": "human", "value": "What color is the circle?\n<image>"}, {"from": "gpt", "value": "red"},
+             {"from": "human", "value": "How many objects are there?"}, {"from": "gpt", "value": "3"}]
+    ids, labels = PromptBuilder(tok, get_template("plain"), cfg).conversation(turns, True, "x")
+    text = tok.decode(ids)
+    assert text.startswith("USER :") and "<image>" in text  # <image> moved before the first question
+    n_img, n_voco = ids.count(cfg.image_token_id), ids.count(cfg.voco_token_id)
+    assert (n_img, n_voco) == (cfg.num_image_tokens, 1)
+    first_voco = ids.index(cfg.voco_token_id)
+    assert ids[first_voco - n_img:first_voco] == [cfg.image_token_id] * n_img  # block then voco, contiguous
+    supervised = [t for t, lab in zip(ids, labels) if lab != -100]
+    assert tok.decode(supervised) == "red </s> 3 </s>"
+    assert "USER : How many objects are there ? ASSISTANT :" in text

@@ -284,7 +284,8 @@ class HTCForConditionalGeneration(HTCPreTrainedModel, GenerationMixin):
         h.update(repr((c.compression, c.num_voco, c.num_image_tokens, c.vision_attention, c.fusion)).encode())
         for name, p in self.named_parameters():
             flat = p.detach().reshape(-1)
-            idx = torch.linspace(0, flat.numel() - 1, min(64, flat.numel()), device=flat.device).long()
+            k = min(64, flat.numel())
+            idx = torch.arange(k, device=flat.device) * (flat.numel() - 1) // max(k - 1, 1)  # exact, any size
             h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
             h.update(flat[idx].float().cpu().numpy().tobytes())
         return h.hexdigest()

@@ -36,3 +36,24 @@ def tiny_run(tmp_path_factory, scenes_dir):
     assert not failed
     write_store(feats, root / "features.safetensors")
     return root
+
+
+@pytest.fixture(scope="session")
+def make_model_dir(tmp_path_factory, scenes_dir):
+    """An untrained tiny model of the given compression saved with the embedded tokenizer (answers
+    are noise; the plumbing is real)."""
+    from transformers import AutoTokenizer
+
+    from htc_vlm import HTCForConditionalGeneration
+    from htc_vlm.presets import build_config
+
+    def make(compression: str):
+        tok = AutoTokenizer.from_pretrained(scenes_dir / "tokenizer")
+        torch.manual_seed(0)
+        model = HTCForConditionalGeneration(build_config("tiny", tok, compression=compression))
+        out = tmp_path_factory.mktemp(compression)
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        return out
+
+    return make

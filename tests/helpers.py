@@ -4,6 +4,7 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig
 
 from htc_vlm import HTCConfig, HTCForConditionalGeneration
+from htc_vlm.layout import left_pad as _left_pad
 
 IMAGE_ID, VOCO_ID, VOCAB = 298, 299, 300
 
@@ -40,7 +41,4 @@ def images(config, b=2, seed=1):
 
 def left_pad(rows, pad=0):
     """Left-pad lists of ids: (ids, attention_mask)."""
-    t = max(map(len, rows))
-    ids = torch.tensor([[pad] * (t - len(r)) + r for r in rows])
-    am = torch.tensor([[0] * (t - len(r)) + [1] * len(r) for r in rows])
-    return ids, am
+    return _left_pad(rows, pad)

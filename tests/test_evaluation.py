@@ -131,20 +131,8 @@ def test_retention_cli(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, scenes_dir):
-    """An untrained tiny model with the embedded tokenizer (answers are noise; the plumbing is real)."""
-    from transformers import AutoTokenizer
-
-    from htc_vlm import HTCForConditionalGeneration
-    from htc_vlm.presets import build_config
-
-    tok = AutoTokenizer.from_pretrained(scenes_dir / "tokenizer")
-    torch.manual_seed(0)
-    model = HTCForConditionalGeneration(build_config("tiny", tok, compression="voco"))
-    out = tmp_path_factory.mktemp("model")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+def tiny_model_dir(make_model_dir):
+    return make_model_dir("voco")
 
 
 def _eval(model_dir, scenes_dir, out, family="open", benchmark="scenes_open", questions=None):

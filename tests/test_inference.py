@@ -11,16 +11,8 @@ from htc_vlm.presets import build_config
 
 
 @pytest.fixture(scope="module")
-def htc_model_dir(tmp_path_factory, tiny_run):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_run / "scenes" / "tokenizer")
-    torch.manual_seed(0)
-    model = HTCForConditionalGeneration(build_config("tiny", tok, compression="htc"))
-    out = tmp_path_factory.mktemp("htc")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+def htc_model_dir(make_model_dir):
+    return make_model_dir("htc")
 
 
 def test_compress_skips_done_and_reports_bad_images(htc_model_dir, tiny_run, tmp_path, capsys):

@@ -15,7 +15,7 @@ from .cache import VisualCache
 from .data.images import CLIP_MEAN, CLIP_STD, load_rgb, to_tensor
 from .data.llava import PromptBuilder, get_template
 from .errors import HTCError
-from .evaluation.answering import left_pad
+from .layout import left_pad
 from .modeling import HTCForConditionalGeneration
 
 

@@ -54,3 +54,14 @@ def image_prompt_ids(config: HTCConfig, prefix: list[int] | None = None) -> list
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """RoPE positions that skip left padding: (B, T)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad id lists into ``(ids, attention_mask)``, both (B, T): the layout generation uses."""
+    t = max(map(len, rows))
+    ids = torch.full((len(rows), t), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), t), dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, t - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[b, t - len(r):] = 1
+    return ids, mask

@@ -15,6 +15,7 @@ import torch
 from ..data.images import CLIP_MEAN, CLIP_STD, load_rgb, to_tensor
 from ..data.llava import PromptBuilder, get_template
 from ..errors import HTCError
+from ..layout import left_pad
 from ..modeling import HTCForConditionalGeneration
 
 
@@ -33,16 +34,6 @@ class ImageSource:
         pix = torch.stack([to_tensor(load_rgb(self.root / i, size, self.resize), *self.norm) for i in ids])
         q = self.features.batch(ids) if self.model.config.compression in ("htc", "discrete") else None
         return pix, q
-
-
-def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    t = max(map(len, rows))
-    ids = torch.full((len(rows), t), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), t), dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, t - len(r):] = torch.tensor(r)
-        mask[b, t - len(r):] = 1
-    return ids, mask
 
 
 @torch.no_grad()

@@ -14,9 +14,20 @@ import torch
 from ..data.scenes import mc_prompt
 from ..errors import HTCError
 from ..io import atomic_write_bytes
+from ..layout import left_pad
 from .answering import ImageSource, answer_questions
 from .scorers import get_benchmark
 from .scorers.mcq import rotations
+
+
+def _jsonl(path: Path, text: str, what: str):
+    """(line number, row) of every non-empty line; a line that is not JSON is an error naming it."""
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise HTCError(f"{path}:{n}: not {what} ({e.msg})") from e
 
 
 def read_questions(path: str | Path) -> list[dict]:
@@ -24,13 +35,7 @@ def read_questions(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise HTCError(f"question file not found: {path}")
     rows, seen = [], {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise HTCError(f"{path}:{n}: not JSON ({e.msg})") from e
+    for n, row in _jsonl(path, path.read_text(), "JSON"):
         for key in ("question_id", "image", "text"):
             if key not in row:
                 raise HTCError(f"{path}:{n}: missing {key!r}")
@@ -45,23 +50,18 @@ def read_questions(path: str | Path) -> list[dict]:
 
 
 def _read_predictions(path: Path, benchmark: str) -> dict[str, str]:
+    if not path.exists():
+        return {}
+    text = path.read_text()
+    if text and not text.endswith("\n"):  # a line cut by a crash: drop it, it is answered again
+        text = text[: text.rfind("\n") + 1]
+        atomic_write_bytes(path, text.encode())
     done = {}
-    if path.exists():
-        text = path.read_text()
-        if text and not text.endswith("\n"):  # a line cut by a crash: drop it, it is answered again
-            text = text[: text.rfind("\n") + 1]
-            atomic_write_bytes(path, text.encode())
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise HTCError(f"{path}:{n}: not a prediction line ({e.msg}); delete the file to start over") from e
-            if row.get("benchmark") != benchmark:
-                raise HTCError(f"{path}:{n} holds predictions for benchmark {row.get('benchmark')!r}, "
-                               f"not {benchmark!r}; use another --out")
-            done[row["question_id"]] = row["prediction"]
+    for n, row in _jsonl(path, text, "a prediction line; delete the file to start over"):
+        if row.get("benchmark") != benchmark:
+            raise HTCError(f"{path}:{n} holds predictions for benchmark {row.get('benchmark')!r}, "
+                           f"not {benchmark!r}; use another --out")
+        done[row["question_id"]] = row["prediction"]
     return done
 
 
@@ -75,7 +75,6 @@ def answer_by_likelihood(model, tokenizer, rows: list[dict], source: ImageSource
                          batch_size: int) -> list[dict]:
     """Pick the option letter whose token the model finds most likely after the prompt."""
     from ..data.llava import PromptBuilder, get_template
-    from .answering import left_pad
 
     builder = PromptBuilder(tokenizer, get_template(template), model.config)
     out = []

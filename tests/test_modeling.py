@@ -284,3 +284,19 @@ def test_token_counts_come_from_the_config():
     paper = tiny_config(vision_config=vision_config().to_dict() | {"image_size": 336}, discrete_channels=32,
                         discrete_grid=21)
     assert paper.num_patches == 576 and paper.discrete_dim == 14112 and paper.num_image_tokens == 580
+
+
+def test_siglip_tower_without_cls_token():
+    from transformers import SiglipVisionConfig
+
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                image_size=56, patch_size=14)
+    cfg = tiny_config(vision_config=vision.to_dict(), vision_feature_select_strategy="full", vision_has_cls=False,
+                      vision_feature_layer=-1, compression="htc")
+    assert cfg.num_patches == 16 and cfg.num_image_tokens == 20
+    torch.manual_seed(0)
+    model = HTCForConditionalGeneration(cfg).eval()
+    full, cached, cache = _cached_vs_full(model)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+    with pytest.raises(HTCError, match="drops a CLS token, but vision_has_cls=False"):
+        tiny_config(vision_config=vision.to_dict(), vision_has_cls=False)

@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from htc_vlm import HTCError
 from htc_vlm.evaluation.retention import markdown, retention, table

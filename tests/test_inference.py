@@ -2,12 +2,10 @@ import json
 
 import pytest
 import torch
-from PIL import Image
 
 from htc_vlm import HTCForConditionalGeneration, VisualCache
 from htc_vlm.cli import main
 from htc_vlm.efficiency import analytic, bench_config, run_bench
-from htc_vlm.presets import build_config
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from transformers import TrainerCallback
 from htc_vlm import HTCError, HTCForConditionalGeneration
 from htc_vlm.cli import main
 from htc_vlm.presets import build_config
-from htc_vlm.training.config import PRESET_DIR, STAGES, load_config
+from htc_vlm.training.config import PRESET_DIR, load_config
 from htc_vlm.training.run import MARKER, last_checkpoint, train
 
 SMALL = ["optim.per_device_train_batch_size=2", "optim.logging_steps=1", "data.max_length=400"]

@@ -121,9 +121,7 @@ def test_train_tokenizer_cli_checkpoints_and_resumes(tmp_path, scenes_dir, monke
                  "--out", str(store)]) == 2  # exists: nothing overwritten
 
 
-def test_encode_discrete_converts_grey_and_rgba_and_names_bad_files(tmp_path, capsys, monkeypatch):
-    import htc_vlm.vq.model as vqm
-
+def test_encode_discrete_converts_grey_and_rgba_and_names_bad_files(tmp_path, capsys):
     folder = tmp_path / "imgs"
     folder.mkdir()
     Image.new("L", (64, 64), 128).save(folder / "grey.png")

@@ -33,8 +33,6 @@ class ModelSpec:
     vision_attention: str | None = None
     fusion: str | None = None
     attn_implementation: str = "sdpa"
-    # Built from parts only: start the projector on whitened tower features (see run.whiten_projector).
-    whiten_projector: bool = False
 
     def overrides(self) -> dict:
         keys = ("compression", "num_voco", "num_anchors", "vision_attention", "fusion")

@@ -16,10 +16,8 @@ training config beside it.
 
 from __future__ import annotations
 
-import math
 import os
 import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -134,31 +132,6 @@ def freeze_for_stage(model: HTCForConditionalGeneration, cfg: TrainConfig) -> li
     return trained
 
 
-@torch.no_grad()
-def whiten_projector(model: HTCForConditionalGeneration, pixel_values: torch.Tensor, eps: float = 1e-3) -> None:
-    """Fold the whitening of the tower's features into the projector's first layer.
-
-    ``W1 <- W1 S^-1/2``, ``b1 <- b1 - W1' mu`` with the features' mean ``mu`` and covariance ``S``
-    on a sample of training images: the projector then starts on zero-mean, unit-variance features
-    in every direction. On the embedded default the tower's patch features have norm ~65 (text
-    embeddings ~0.35), and the directions that carry colour have little variance next to position
-    and count: without this the language model learned counting (1.00) and position (0.94 on
-    one-object scenes) but answered one colour to every colour question.
-    """
-    from ..vision import patch_features
-
-    feats = patch_features(model.model.vision_tower, pixel_values, model.config).flatten(0, 1).double()  # (B*N, Dv)
-    mu = feats.mean(0)
-    cov = torch.cov((feats - mu).T)
-    vals, vecs = torch.linalg.eigh(cov)
-    inv_sqrt = vecs @ torch.diag((vals.clamp_min(0) + eps).rsqrt()) @ vecs.T  # (Dv, Dv)
-    lin = model.model.multi_modal_projector.linear_1
-    w = lin.weight.double() @ inv_sqrt
-    lin.weight.copy_(w.to(lin.weight.dtype))
-    if lin.bias is not None:
-        lin.bias.copy_((lin.bias.double() - w @ mu).to(lin.bias.dtype))
-
-
 # ---------------------------------------------------------------------- the stages
 
 
@@ -212,11 +185,6 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> Path:
         features = FeatureStore(cfg.data.features, expected_dim=model.config.discrete_dim)
     data = LlavaDataset(cfg.data.conversations, cfg.data.images, tokenizer, model.config, cfg.data.template,
                         features, cfg.data.max_length, cfg.data.image_norm, cfg.data.resize)
-    if cfg.model.whiten_projector and last_checkpoint(cfg.output_dir) is None:
-        if cfg.model.init or cfg.model.llava:
-            raise HTCError("model.whiten_projector initialises a projector built from parts; this model is loaded")
-        items = [data[i] for i in range(min(len(data), 512))]
-        whiten_projector(model, torch.stack([x["pixel_values"] for x in items if "pixel_values" in x]))
     trainer = HTCTrainer(model=model, args=training_arguments(cfg), train_dataset=data,
                          data_collator=Collator(tokenizer.pad_token_id), processing_class=tokenizer,
                          callbacks=callbacks)
@@ -227,15 +195,3 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> Path:
         tokenizer.save_pretrained(tmp)
 
     return _finish(trainer, cfg, save)
-
-
-def steps_per_epoch(n_samples: int, cfg: TrainConfig, world: int = 1) -> int:
-    per_step = cfg.optim.per_device_train_batch_size * cfg.optim.gradient_accumulation_steps * world
-    return math.ceil(n_samples / per_step)
-
-
-def clean_incomplete(output_dir: str | Path) -> None:
-    """Remove checkpoint folders that never got their marker (a crash mid-save)."""
-    for p in Path(output_dir).glob("checkpoint-*"):
-        if not (p / MARKER).exists():
-            shutil.rmtree(p, ignore_errors=True)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
-from transformers import AutoConfig, AutoModel
+from transformers import AutoModel
 
 from ..data.images import load_rgb, to_tensor
 from ..data.scenes import COLORS, GRID, SHAPES, SIZES, TEXTURES
@@ -91,11 +91,3 @@ class VisionPretrainModel(nn.Module):
 
     def save_tower(self, folder: str | Path) -> None:
         self.tower.save_pretrained(folder)
-
-
-def load_tower(folder: str | Path) -> nn.Module:
-    return AutoModel.from_pretrained(folder)
-
-
-def tower_config(folder: str | Path):
-    return AutoConfig.from_pretrained(folder)

@@ -34,10 +34,14 @@ class ImageEncoder:
             raise HTCError(f"compression={self.model.config.compression!r} needs q: pass --features (a feature "
                            f"store) or --vq (a tokenizer folder)")
 
-    def encode(self, paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        size = self.model.config.vision_config.image_size
+    def load(self, path: Path):
+        """The image as the model's tower expects it (an HTCError names a bad file)."""
+        return load_rgb(path, self.model.config.vision_config.image_size, self.resize)
+
+    def encode(self, paths: list[Path], imgs: list | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(pixel_values, q) of ``paths``; pass ``imgs`` when they are already loaded."""
         mean, std = (CLIP_MEAN, CLIP_STD) if self.image_norm == "clip" else ((0.5,) * 3, (0.5,) * 3)
-        imgs = [load_rgb(p, size, self.resize) for p in paths]
+        imgs = imgs if imgs is not None else [self.load(p) for p in paths]
         pix = torch.stack([to_tensor(i, mean, std) for i in imgs])
         q = None
         if self.model.config.compression in ("htc", "discrete"):
@@ -75,15 +79,15 @@ def compress_images(model, encoder: ImageEncoder, images: list[Path], out: Path,
                 pass  # another model's or a broken cache: made again
         todo.append(img)
     for start in range(0, len(todo), batch_size):
-        chunk, ok = todo[start:start + batch_size], []
+        chunk, ok, loaded = todo[start:start + batch_size], [], []
         for img in chunk:
             try:
-                load_rgb(img, model.config.vision_config.image_size, encoder.resize)
+                loaded.append(encoder.load(img))
                 ok.append(img)
             except HTCError as e:
                 failed.append(str(e))
         if ok:
-            pix, q = encoder.encode(ok)
+            pix, q = encoder.encode(ok, loaded)
             cache = model.compress(pix, q, prefix_ids=prefix)
             for i, img in enumerate(ok):
                 one = cache.select(i)

@@ -22,27 +22,36 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def to_rgb(im: Image.Image) -> Image.Image:
+    """RGB, with grey-scale and palette converted and alpha composited on white."""
+    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, im).convert("RGB")
+    return im.convert("RGB")
+
+
+def fit(img: Image.Image, size: int | None, resize: bool, name: str) -> Image.Image:
+    """Refuse another size than ``size`` by ``name``, or resize (bicubic) when ``resize``."""
+    if size is not None and img.size != (size, size):
+        if not resize:
+            raise HTCError(f"{name} is {img.size[0]}x{img.size[1]} but {size}x{size} is expected")
+        img = img.resize((size, size), Image.BICUBIC)
+    return img
+
+
 def load_rgb(path: str | Path, size: int | None = None, resize: bool = False) -> Image.Image:
     """Open ``path`` as RGB. With ``size``: refuse another size, or resize (bicubic) if ``resize``."""
     path = Path(path)
     try:
         with Image.open(path) as im:
             im.load()
-            if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-                im = im.convert("RGBA")
-                bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-                img = Image.alpha_composite(bg, im).convert("RGB")
-            else:
-                img = im.convert("RGB")
+            img = to_rgb(im)
     except FileNotFoundError as e:
         raise HTCError(f"image not found: {path}") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise HTCError(f"cannot decode image {path}: {e}") from e
-    if size is not None and img.size != (size, size):
-        if not resize:
-            raise HTCError(f"{path} is {img.size[0]}x{img.size[1]} but {size}x{size} is expected")
-        img = img.resize((size, size), Image.BICUBIC)
-    return img
+    return fit(img, size, resize, str(path))
 
 
 def to_tensor(img: Image.Image, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> torch.Tensor:

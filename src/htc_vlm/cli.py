@@ -38,8 +38,6 @@ def data_scenes(
     from .data.tokenizer import save_tokenizer
     from .io import atomic_dir
 
-    if train <= 0 or test <= 0 or size < 24:  # checked before any folder is made
-        raise HTCError(f"--train and --test must be positive and --size at least 24, got {train}, {test}, {size}")
     with atomic_dir(out, overwrite) as tmp, progress_bar() as bar:
         task = bar.add_task("rendering scenes", total=train + test)
         meta = write_benchmark(tmp, train, test, seed, size, progress=lambda: bar.advance(task))

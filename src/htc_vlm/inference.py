@@ -21,13 +21,15 @@ from .modeling import HTCForConditionalGeneration
 
 @dataclass
 class ImageEncoder:
-    """Turns image files into ``(pixel_values, q)`` for one model."""
+    """Turns image files into ``(pixel_values, q)`` for one model: the one place that does, for
+    ``compress`` / ``ask``, ``htc-vlm eval`` and the lmms-eval plugin."""
 
     model: HTCForConditionalGeneration
     features: object | None = None  # a FeatureStore
     tokenizer_vq: object | None = None  # a MultiGroupVQ
     image_norm: str = "half"
     resize: bool = False
+    root: Path | None = None  # the folder image ids are relative to (question files, LLaVA data)
 
     def __post_init__(self):
         if self.model.config.compression in ("htc", "discrete") and self.features is None and self.tokenizer_vq is None:
@@ -38,15 +40,21 @@ class ImageEncoder:
         """The image as the model's tower expects it (an HTCError names a bad file)."""
         return load_rgb(path, self.model.config.vision_config.image_size, self.resize)
 
-    def encode(self, paths: list[Path], imgs: list | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(pixel_values, q) of ``paths``; pass ``imgs`` when they are already loaded."""
+    def batch(self, ids: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(pixel_values, q) of images named by their ids below ``root`` (the store's keys too)."""
+        return self.encode([Path(self.root) / i for i in ids], keys=ids)
+
+    def encode(self, paths: list[Path], imgs: list | None = None,
+               keys: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(pixel_values, q) of ``paths``; pass ``imgs`` when they are already loaded and ``keys``
+        to look q up under other names than the file names."""
         mean, std = (CLIP_MEAN, CLIP_STD) if self.image_norm == "clip" else ((0.5,) * 3, (0.5,) * 3)
         imgs = imgs if imgs is not None else [self.load(p) for p in paths]
         pix = torch.stack([to_tensor(i, mean, std) for i in imgs])
         q = None
         if self.model.config.compression in ("htc", "discrete"):
             if self.features is not None:
-                q = self.features.batch([Path(p).name for p in paths])
+                q = self.features.batch(keys if keys is not None else [Path(p).name for p in paths])
             else:
                 s = self.tokenizer_vq.config.image_size
                 q = self.tokenizer_vq.q(torch.stack([to_tensor(i.resize((s, s))) for i in imgs]))

@@ -102,7 +102,8 @@ class HTCModel(HTCPreTrainedModel):
         v = self.patch_embeddings(pixel_values)  # (B, N, D)
         if c.compression != "htc":
             return v
-        a = self.discrete_anchors(self._check_q(q, v.shape[0]))  # (B, N_d, D)
+        q = self._check_q(q, v.shape[0])  # one q per image of the batch
+        a = self.anchor_projector(q.to(self.anchor_projector.linear_1.weight.dtype))  # (B, N_d, D)
         if c.fusion == "pre":
             return torch.cat([a, v], dim=1)
         if c.fusion == "post":

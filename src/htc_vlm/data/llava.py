@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from ..configuration import HTCConfig
 from ..errors import HTCError
-from ..layout import image_prompt_ids
+from ..layout import image_prompt_ids, left_pad
 from .images import CLIP_MEAN, CLIP_STD, load_rgb, to_tensor
 
 IMAGE = "<image>"
@@ -156,13 +156,8 @@ class Collator:
     pad_token_id: int
 
     def __call__(self, items: list[dict]) -> dict:
-        t = max(len(x["input_ids"]) for x in items)
-        ids = torch.full((len(items), t), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(items), t), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(items), t), dtype=torch.long)
-        for b, x in enumerate(items):
-            n = len(x["input_ids"])
-            ids[b, t - n:], labels[b, t - n:], mask[b, t - n:] = x["input_ids"], x["labels"], 1
+        ids, mask = left_pad([x["input_ids"].tolist() for x in items], self.pad_token_id)
+        labels, _ = left_pad([x["labels"].tolist() for x in items], IGNORE)
         batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
         for key in ("pixel_values", "discrete_latents"):
             vals = [x[key] for x in items if key in x]

@@ -7,37 +7,18 @@ Shape notation: I images in a chunk, Q questions in a batch, L question length.
 from __future__ import annotations
 
 from collections import defaultdict
-from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 
-from ..data.images import CLIP_MEAN, CLIP_STD, load_rgb, to_tensor
 from ..data.llava import PromptBuilder, get_template
-from ..errors import HTCError
+from ..inference import ImageEncoder
 from ..layout import left_pad
 from ..modeling import HTCForConditionalGeneration
 
 
-class ImageSource:
-    """Pixels (and q from a feature store) of images by id, normalised for the model."""
-
-    def __init__(self, images: str | Path, model: HTCForConditionalGeneration, features=None,
-                 image_norm: str = "half", resize: bool = False):
-        self.root, self.model, self.features, self.resize = Path(images), model, features, resize
-        self.norm = (CLIP_MEAN, CLIP_STD) if image_norm == "clip" else ((0.5,) * 3, (0.5,) * 3)
-        if model.config.compression in ("htc", "discrete") and features is None:
-            raise HTCError(f"compression={model.config.compression!r} needs a discrete feature store")
-
-    def batch(self, ids: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        size = self.model.config.vision_config.image_size
-        pix = torch.stack([to_tensor(load_rgb(self.root / i, size, self.resize), *self.norm) for i in ids])
-        q = self.features.batch(ids) if self.model.config.compression in ("htc", "discrete") else None
-        return pix, q
-
-
 @torch.no_grad()
-def answer_questions(model: HTCForConditionalGeneration, tokenizer, questions: list[dict], source: ImageSource,
+def answer_questions(model: HTCForConditionalGeneration, tokenizer, questions: list[dict], source: ImageEncoder,
                      prompt: Callable[[dict], str], template: str = "plain", batch_size: int = 32,
                      max_new_tokens: int = 8, progress: Callable[[int], None] | None = None) -> Iterable[dict]:
     """Yield ``{question_id, prediction}`` per question, grouped by image (one compress each)."""

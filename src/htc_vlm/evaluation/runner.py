@@ -15,7 +15,8 @@ from ..data.scenes import mc_prompt
 from ..errors import HTCError
 from ..io import atomic_write_bytes
 from ..layout import left_pad
-from .answering import ImageSource, answer_questions
+from ..inference import ImageEncoder
+from .answering import answer_questions
 from .scorers import get_benchmark
 from .scorers.mcq import rotations
 
@@ -71,7 +72,7 @@ def prompt_for(row: dict, suffix: str) -> str:
 
 
 @torch.no_grad()
-def answer_by_likelihood(model, tokenizer, rows: list[dict], source: ImageSource, prompt, template: str,
+def answer_by_likelihood(model, tokenizer, rows: list[dict], source: ImageEncoder, prompt, template: str,
                          batch_size: int) -> list[dict]:
     """Pick the option letter whose token the model finds most likely after the prompt."""
     from ..data.llava import PromptBuilder, get_template
@@ -104,7 +105,7 @@ def run_eval(model, tokenizer, benchmark: str, questions_file: str | Path, image
     pred_path = out / "predictions.jsonl"
     done = _read_predictions(pred_path, bench.name)
     todo = [r for r in rows if r["question_id"] not in done]
-    source = ImageSource(images, model, features, image_norm, resize)
+    source = ImageEncoder(model, features, image_norm=image_norm, resize=resize, root=Path(images))
     for r in {r["image"] for r in todo}:
         if not (Path(images) / r).is_file():
             qid = next(x["question_id"] for x in todo if x["image"] == r)

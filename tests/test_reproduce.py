@@ -31,7 +31,8 @@ def test_a_failing_stage_is_reported_and_resumed(tmp_path, capsys, monkeypatch):
             raise RuntimeError("disk on fire")
         return {"outputs": "ok", "command": "true"}
 
-    monkeypatch.setattr(rp, "STAGES", [rp.STAGES[0], rp.Stage("boom", boom, "fails once")])
+    first = rp.stages(rp.get_preset("tiny", True))[0]
+    monkeypatch.setattr(rp, "stages", lambda p: [first, rp.Stage("boom", boom, "fails once")])
     try:
         main(["reproduce", "--quick", "--out", str(out)])
     except RuntimeError:

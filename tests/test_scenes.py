@@ -34,7 +34,8 @@ def test_cli_writes_every_file_and_is_deterministic(tmp_path):
     assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
     assert sum("<image>" in t["value"] for t in turns) == 1
     caps = json.loads((a / "train" / "captions.json").read_text())
-    assert caps[0]["conversations"][1]["value"].startswith("a ")
+    cap = caps[0]["conversations"][1]["value"]
+    assert any(cap.startswith(f"{pos} : ") for pos in S.POSITIONS) and cap.endswith(".")  # place first
     for fam in S.FAMILIES:
         rows = S.read_jsonl(a / "test" / f"{fam}.jsonl")
         assert rows, fam

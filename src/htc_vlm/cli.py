@@ -125,26 +125,37 @@ def encode_discrete(
 def train(
     config: Annotated[str, typer.Option(help="A shipped preset (tiny, llava-1.5-7b) or a YAML file.")],
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. stage=compress optim.max_steps=10")] = None,
+    method: Annotated[str | None, typer.Option(help="A trained method (voco, htc, discrete, avgpool, qformer): "
+                                                    "the compress stage with its options.")] = None,
+    budget: Annotated[int, typer.Option(help="Visual tokens the method keeps (with --method).")] = 1,
 ) -> None:
     """Train one stage (vision, align, instruct, compress) on the HF Trainer; resumes from checkpoints."""
+    from .methods import get_method
     from .training.config import load_config
     from .training.run import train as run_stage
 
-    cfg = load_config(config, overrides or [])
+    extra = []
+    if method is not None:
+        m = get_method(method)
+        if m.train_overrides is None:
+            raise HTCError(f"method {method!r} is {m.kind}: nothing to train (evaluate it with htc-vlm eval --method {method})")
+        extra = ["stage=compress", *m.train_overrides(budget)]
+    cfg = load_config(config, extra + list(overrides or []))
     console.print(f"stage {cfg.stage} -> {cfg.output_dir}", highlight=False)
     out = run_stage(cfg)
     console.print(f"model: {out}", highlight=False)
 
 
-def load_model(model_dir: Path, method: str = "model"):
-    """A trained HTC model and its tokenizer; ``method`` may re-read it under another compression."""
+def load_model(model_dir: Path, method: str = "model", budget: int | None = None, options: list[str] | None = None):
+    """A trained HTC model (or a method's wrapper of it) and its tokenizer."""
     from transformers import AutoTokenizer
 
-    from .methods import load_for_method
+    from .methods import get_method, load_for_method, parse_options
 
     if not (model_dir / "config.json").exists():
         raise HTCError(f"{model_dir} is not a model folder (no config.json)")
-    model = load_for_method(model_dir, method)
+    opts = parse_options(get_method(method), options) if method != "model" else {}
+    model = load_for_method(model_dir, method, budget, opts)
     return model, AutoTokenizer.from_pretrained(model_dir)
 
 
@@ -155,7 +166,9 @@ def eval_cmd(
     questions: Annotated[Path, typer.Option(help="LLaVA-style question JSONL.")],
     images: Annotated[Path, typer.Option(help="Image folder the questions' image fields are relative to.")],
     out: Annotated[Path, typer.Option(help="Output folder: predictions.jsonl and metrics.json.")],
-    method: Annotated[str, typer.Option(help="How to run the model (see the methods table).")] = "model",
+    method: Annotated[str, typer.Option(help="A method name (htc-vlm methods), or 'model' to run the folder as trained.")] = "model",
+    budget: Annotated[int | None, typer.Option(help="Visual tokens kept (Table 2 budgets; training-free methods).")] = None,
+    option: Annotated[list[str] | None, typer.Option(help="A method option key=value, e.g. layer=2 (repeatable).")] = None,
     features: Annotated[Path | None, typer.Option(help="Discrete feature store (htc / discrete models).")] = None,
     template: Annotated[str, typer.Option(help="Chat template: plain or vicuna_v1.")] = "plain",
     batch_size: Annotated[int, typer.Option(help="Questions per batch.")] = 32,
@@ -166,7 +179,7 @@ def eval_cmd(
     from .evaluation.runner import read_questions, run_eval
     from .vq.store import FeatureStore
 
-    m, tok = load_model(model, method)
+    m, tok = load_model(model, method, budget, option)
     store = FeatureStore(features, expected_dim=m.config.discrete_dim) if features else None
     n = len(read_questions(questions))
     with progress_bar() as bar:
@@ -176,6 +189,20 @@ def eval_cmd(
                           progress=lambda k: bar.advance(task, k), model_name=str(model))
     console.print(f"{benchmark}: " + ", ".join(f"{k} {v:.2f}" for k, v in result["scores"].items())
                   + f" -> {out / 'metrics.json'}", highlight=False)
+
+
+@app.command()
+def methods() -> None:
+    """List the compression methods: kind, tables, source paper, options."""
+    from rich.table import Table
+
+    from .methods import METHODS
+
+    t = Table("method", "kind", "tables", "what", "paper", "options")
+    for m in METHODS.values():
+        t.add_row(m.name, m.kind, ",".join(m.tables), m.summary, m.paper,
+                  " ".join(f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in m.options.items()))
+    Console(width=200).print(t)  # stdout: a listing, not a log line
 
 
 @app.command()

@@ -15,7 +15,8 @@ from transformers.configuration_utils import SubConfigSpec
 
 from .errors import HTCError
 
-COMPRESSIONS = ("none", "voco", "htc", "discrete")
+COMPRESSIONS = ("none", "voco", "htc", "discrete", "avgpool", "qformer")
+VOCO_COMPRESSIONS = ("voco", "htc", "discrete")  # text reaches the image only through voco
 VISION_ATTENTIONS = ("causal", "isolated")
 FUSIONS = ("pre", "post", "mean")
 PROJECTORS = ("linear", "mlp2x_gelu")
@@ -33,6 +34,10 @@ class HTCConfig(PreTrainedConfig):
         vision_feature_select_strategy: ``"default"`` drops the CLS token, ``"full"`` keeps every token.
         vision_has_cls: whether the tower prepends a CLS token (CLIP: yes; SigLIP: no, use ``"full"``).
         projector_type: continuous projector P_v, ``"linear"`` or ``"mlp2x_gelu"`` (LLaVA-1.5).
+        projector_norm: a LayerNorm on the vision features before P_v (off for LLaVA checkpoints).
+            The embedded default turns it on: its from-scratch tower emits features of norm ~60,
+            which made the projector's effective step size so large that colour and shape were
+            learned or not depending on the learning rate and the tower's seed.
         discrete_channels, discrete_grid: shape of the VQ latent q, ``C x h x w`` with ``h = w =
             discrete_grid``; q arrives flattened, length ``C * h * w`` (MGVQ f16c32 at 336 px: 32 x 21
             x 21 = 14112). ``discrete_channels=0`` builds no discrete channel.
@@ -41,7 +46,10 @@ class HTCConfig(PreTrainedConfig):
             paper's W1: 16384 x 14112 for N_d = 4 at 4096).
         compression: ``"none"`` (upper bound, text sees every image token), ``"voco"`` (continuous
             only, VoCo-LLaMA), ``"htc"`` (anchors + patches) or ``"discrete"`` (every VQ position,
-            projected, then voco).
+            projected, then voco); or a pooling baseline with no voco, the text attending
+            straight to ``pool_tokens`` tokens made from the patches: ``"avgpool"`` (their
+            mean) or ``"qformer"`` (learned queries cross-attending to them, BLIP-2 style).
+        pool_tokens: visual tokens made by ``avgpool`` / ``qformer`` (Table 1: one).
         num_voco: voco tokens after the image block; the KV cache keeps only these.
         vision_attention: inside the image block, ``"causal"`` (VoCo-LLaMA's code) or
             ``"isolated"`` (each hybrid token sees only itself, the paper's Eq. 6).
@@ -64,12 +72,14 @@ class HTCConfig(PreTrainedConfig):
     vision_has_cls: bool = True
     projector_type: str = "mlp2x_gelu"
     projector_bias: bool = True
+    projector_norm: bool = False
     discrete_channels: int = 32
     discrete_grid: int = 21
     num_anchors: int = 4
     anchor_hidden_size: int | None = None
     compression: str = "htc"
     num_voco: int = 1
+    pool_tokens: int = 1
     vision_attention: str = "causal"
     fusion: str = "pre"
     tie_word_embeddings: bool = False
@@ -91,6 +101,8 @@ class HTCConfig(PreTrainedConfig):
             raise HTCError(f"num_voco must be at least 1, got {self.num_voco}")
         if self.compression in ("htc", "discrete") and self.discrete_dim == 0:
             raise HTCError(f"compression={self.compression!r} needs a discrete channel (discrete_channels > 0)")
+        if self.pool_tokens < 1 or (self.compression in ("avgpool", "qformer") and self.pool_tokens > self.num_patches):
+            raise HTCError(f"pool_tokens must be between 1 and the {self.num_patches} patches, got {self.pool_tokens}")
         if self.compression == "htc" and self.num_anchors < 1:
             raise HTCError(f"compression='htc' needs num_anchors >= 1, got {self.num_anchors}")
 
@@ -118,8 +130,15 @@ class HTCConfig(PreTrainedConfig):
             return self.discrete_grid * self.discrete_grid
         if self.compression == "htc" and self.fusion != "mean":
             return self.num_anchors + self.num_patches
+        if self.compression in ("avgpool", "qformer"):
+            return self.pool_tokens
         return self.num_patches
 
     @property
     def compresses(self) -> bool:
-        return self.compression != "none"
+        """Whether the disentanglement mask applies (text sees the image through voco only)."""
+        return self.compression in VOCO_COMPRESSIONS
+
+    @property
+    def pools(self) -> bool:
+        return self.compression in ("avgpool", "qformer")

@@ -33,6 +33,7 @@ from .configuration import HTCConfig
 from .errors import HTCError
 from .layout import IMAGE, PAD, VOCO, image_prompt_ids, positions, token_kinds
 from .masking import attention_mask_4d
+from .pooling import build_pooler
 from .vision import Projector, patch_features
 
 AutoConfig.register(HTCConfig.model_type, HTCConfig, exist_ok=True)
@@ -56,10 +57,11 @@ class HTCModel(HTCPreTrainedModel):
         d = config.text_config.hidden_size
         self.vision_tower = AutoModel.from_config(config.vision_config)
         self.multi_modal_projector = Projector(config.vision_config.hidden_size, d, config.projector_type,
-                                               config.projector_bias)
+                                               config.projector_bias, config.projector_norm)
         # Built only where the compression uses them: an unused parameter would break DDP.
         self.anchor_projector = AnchorProjector(config) if config.compression == "htc" else None
         self.discrete_projector = DiscreteTokenProjector(config) if config.compression == "discrete" else None
+        self.visual_pooler = build_pooler(config)  # avgpool / qformer baselines only
         self.voco_embeddings = nn.Embedding(config.num_voco, d)
         self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()
@@ -100,6 +102,8 @@ class HTCModel(HTCPreTrainedModel):
             q = self._check_q(q, 0 if q is None else q.shape[0])
             return self.discrete_projector(q.to(self.discrete_projector.linear_1.weight.dtype))
         v = self.patch_embeddings(pixel_values)  # (B, N, D)
+        if self.visual_pooler is not None:
+            return self.visual_pooler(v)  # (B, pool_tokens, D)
         if c.compression != "htc":
             return v
         q = self._check_q(q, v.shape[0])  # one q per image of the batch

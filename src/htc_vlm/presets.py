@@ -29,7 +29,8 @@ def _tiny(vocab_size: int, image_token_id: int, voco_token_id: int, pad_token_id
     args = dict(vision_config=tiny_vision_config().to_dict(), text_config=text.to_dict(),
                 image_token_id=image_token_id, voco_token_id=voco_token_id,
                 vision_feature_layer=-1,  # a tower trained for the VLM: its last layer is the useful one
-                projector_type="mlp2x_gelu", discrete_channels=32, discrete_grid=16, compression="none")
+                projector_type="mlp2x_gelu", projector_norm=True,  # see HTCConfig.projector_norm
+                discrete_channels=32, discrete_grid=16, compression="none")
     return HTCConfig(**(args | overrides))
 
 

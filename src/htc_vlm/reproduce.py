@@ -1,11 +1,21 @@
-"""The staged pipeline behind ``htc-vlm reproduce``.
+"""The staged pipeline behind ``htc-vlm reproduce``: the paper's Tables 1-4 and Figure 3 on the
+embedded default.
 
 Each stage writes into its own folder of the run and is recorded in ``run.json`` when it finishes,
 so running the command again skips finished stages and resumes at the one in progress. A run
 folder belongs to one preset and one set of options: another preset is refused with a message.
 
-Stages are registered in order in :data:`STAGES`; later issues (training, evaluation, analysis)
-add theirs. The report lists each finished stage with its outputs and the command behind them.
+Stages, in order (:func:`stages` lists them for a preset):
+- the base model: ``scenes``, ``vision``, ``tokenizer``, ``features``, ``align``, ``instruct``;
+- ``eval/upper``, ``eval/lower``;
+- per trained method and setting: ``train/<key>`` (the compress stage from the upper bound, a fixed
+  number of steps) then ``eval/<key>``; keys are ``<method>-b<budget>`` plus ``-nd<N_d>``,
+  ``-<fusion>``, ``-isolated`` and ``-s<seed>`` for ablations and seeds;
+- per training-free method and budget: ``eval/<method>-b<budget>`` on the upper-bound model;
+- ``probing`` (Table 3) and ``attention`` (Figure 3); the report is rewritten after every stage.
+
+Budgets: the paper's 192 / 128 / 64 of 576 visual tokens are the fractions 1/3, 2/9, 1/9; with
+the embedded default's 9 patches that is 3, 2 and 1 tokens.
 """
 
 from __future__ import annotations
@@ -13,12 +23,16 @@ from __future__ import annotations
 import json
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from .errors import HTCError
 from .io import atomic_dir, atomic_write_bytes
+
+FAMILY_BENCHMARKS = {"open": "scenes_open", "pope_random": "pope", "pope_popular": "pope",
+                     "pope_adversarial": "pope", "mme": "mme", "mc": "mmbench"}
+BUDGET_FRACTIONS = (192 / 576, 128 / 576, 64 / 576)
 
 
 @dataclass(frozen=True)
@@ -27,17 +41,26 @@ class RunPreset:
     image_size: int
     train_scenes: int
     test_scenes: int
-    vision_epochs: float = 10
+    vision_epochs: float = 40
     vq_steps: int = 800
-    align_epochs: float = 2
+    align_epochs: float = 8
     instruct_epochs: float = 2
+    compress_steps: int = 400  # every compression run (Table 1, 2, ablations, seeds)
+    budgets: tuple[int, ...] = (3, 2, 1)  # Table 2, from BUDGET_FRACTIONS of the 9 patches
+    seeds: tuple[int, ...] = (0, 1)  # HTC vs VoCo at budget 1
+    anchors: tuple[int, ...] = (1, 2, 4, 8)  # N_d ablation (4 is the default HTC run)
+    fusions: tuple[str, ...] = ("pre", "post", "mean")
+    attentions: tuple[str, ...] = ("causal", "isolated")
+    table2_families: tuple[str, ...] = ("open", "pope_random", "mme")
     seed: int = 0
 
 
 PRESETS = {
     "tiny": RunPreset("tiny", image_size=64, train_scenes=2000, test_scenes=500),
-    "tiny-quick": RunPreset("tiny-quick", image_size=64, train_scenes=300, test_scenes=60, vision_epochs=2,
-                            vq_steps=40, align_epochs=1, instruct_epochs=1),
+    "tiny-quick": RunPreset("tiny-quick", image_size=64, train_scenes=300, test_scenes=60, vision_epochs=4,
+                            vq_steps=40, align_epochs=1, instruct_epochs=1, compress_steps=15, budgets=(3, 1),
+                            seeds=(0,), anchors=(1, 4), fusions=("pre",), attentions=("causal", "isolated"),
+                            table2_families=("open",)),
 }
 
 
@@ -54,6 +77,49 @@ class Stage:
     name: str
     run: Callable[[Path, RunPreset], dict]  # (run folder, preset) -> summary for the report
     help: str
+    group: str = "base"
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One trained compression model: ``htc-vlm train --method <method> --budget <budget>`` + extras."""
+    key: str
+    method: str
+    budget: int = 1
+    extra: tuple[str, ...] = ()  # further model.* overrides (ablations)
+    seed: int = 0
+    groups: tuple[str, ...] = field(default=(), compare=False)
+
+
+def experiments(p: RunPreset) -> list[Experiment]:
+    """Every trained run of the preset, each once, with the tables it feeds."""
+    runs: dict[str, Experiment] = {}
+
+    def add(e: Experiment, group: str):  # a key already listed keeps its settings and gains a table
+        old = runs.get(e.key, e)
+        runs[e.key] = Experiment(old.key, old.method, old.budget, old.extra, old.seed, old.groups + (group,))
+
+    for m in ("avgpool", "qformer", "voco", "htc", "discrete"):
+        add(Experiment(f"{m}-b1", m), "table1")
+    for b in p.budgets:
+        for m in ("voco", "htc"):
+            add(Experiment(f"{m}-b{b}", m, b), "table2")
+    for s in p.seeds:
+        for m in ("voco", "htc"):
+            add(Experiment(f"{m}-b1" + (f"-s{s}" if s != p.seed else ""), m, seed=s), "seeds")
+    for n in p.anchors:
+        add(Experiment("htc-b1" if n == 4 else f"htc-nd{n}", "htc", extra=(f"model.num_anchors={n}",)), "ablations")
+    for f in p.fusions:
+        add(Experiment("htc-b1" if f == "pre" else f"htc-{f}", "htc", extra=(f"model.fusion={f}",)), "ablations")
+    for a in p.attentions:
+        add(Experiment("htc-b1" if a == "causal" else f"htc-{a}", "htc", extra=(f"model.vision_attention={a}",)),
+            "ablations")
+    add(Experiment("voco-b1", "voco"), "ablations")
+    add(Experiment("discrete-b1", "discrete"), "ablations")
+    return list(runs.values())
+
+
+# ---------------------------------------------------------------------- the base model
 
 
 def _stage_scenes(root: Path, preset: RunPreset) -> dict:
@@ -68,21 +134,24 @@ def _stage_scenes(root: Path, preset: RunPreset) -> dict:
     return {"outputs": str(root / "scenes"), "command": cmd, "questions": meta["questions"]}
 
 
-def _train_stage(root: Path, preset: RunPreset, stage: str, out: str, epochs: float, *extra: str) -> dict:
+def _train(root: Path, preset: RunPreset, stage: str, out: str, *extra: str, method: str | None = None,
+           budget: int = 1) -> dict:
+    from .methods import get_method
     from .training.config import load_config
     from .training.run import train
 
     sc = root / "scenes"
-    overrides = [f"stage={stage}", f"output_dir={root / out}", f"data.images={sc / 'images'}",
-                 f"data.tokenizer={sc / 'tokenizer'}", f"data.features={root / 'features.safetensors'}",
-                 f"optim.num_train_epochs={epochs}", f"optim.seed={preset.seed}", *extra]
-    model = train(load_config("tiny", overrides))
-    return {"outputs": str(model), "command": "htc-vlm train --config tiny " + " ".join(overrides)}
+    overrides = [f"output_dir={root / out}", f"data.images={sc / 'images'}",
+                 f"data.tokenizer={sc / 'tokenizer'}", f"data.features={root / 'features.safetensors'}", *extra]
+    head = ["stage=compress", *get_method(method).train_overrides(budget)] if method else [f"stage={stage}"]
+    model = train(load_config("tiny", head + overrides))
+    flags = f"--method {method} --budget {budget} " if method else f"stage={stage} "
+    return {"outputs": str(model), "command": "htc-vlm train --config tiny " + flags + " ".join(overrides)}
 
 
 def _stage_vision(root: Path, preset: RunPreset) -> dict:
-    return _train_stage(root, preset, "vision", "vision", preset.vision_epochs,
-                        f"data.scenes={root / 'scenes' / 'train' / 'scenes.jsonl'}")
+    return _train(root, preset, "vision", "vision", f"optim.num_train_epochs={preset.vision_epochs}",
+                  f"optim.seed={preset.seed}", f"data.scenes={root / 'scenes' / 'train' / 'scenes.jsonl'}")
 
 
 def _stage_tokenizer(root: Path, preset: RunPreset) -> dict:
@@ -113,83 +182,185 @@ def _stage_features(root: Path, preset: RunPreset) -> dict:
 
 
 def _stage_align(root: Path, preset: RunPreset) -> dict:
-    return _train_stage(root, preset, "align", "align", preset.align_epochs,
-                        f"model.vision_tower={root / 'vision' / 'model'}",
-                        f"data.conversations={root / 'scenes' / 'train' / 'captions.json'}")
+    return _train(root, preset, "align", "align", f"optim.num_train_epochs={preset.align_epochs}",
+                  f"optim.seed={preset.seed}", f"model.vision_tower={root / 'vision' / 'model'}",
+                  f"data.conversations={root / 'scenes' / 'train' / 'captions.json'}")
 
 
 def _stage_instruct(root: Path, preset: RunPreset) -> dict:
-    return _train_stage(root, preset, "instruct", "instruct", preset.instruct_epochs,
-                        f"model.init={root / 'align' / 'model'}",
-                        f"data.conversations={root / 'scenes' / 'train' / 'conversations.json'}")
+    return _train(root, preset, "instruct", "instruct", f"optim.num_train_epochs={preset.instruct_epochs}",
+                  f"optim.seed={preset.seed}", f"model.init={root / 'align' / 'model'}",
+                  f"data.conversations={root / 'scenes' / 'train' / 'conversations.json'}")
 
 
-FAMILY_BENCHMARKS = {"open": "scenes_open", "pope_random": "pope", "pope_popular": "pope",
-                     "pope_adversarial": "pope", "mme": "mme", "mc": "mmbench"}
+def _train_experiment(e: Experiment) -> Callable:
+    def run(root: Path, preset: RunPreset) -> dict:
+        return _train(root, preset, "compress", f"runs/{e.key}", f"model.init={root / 'instruct' / 'model'}",
+                      f"data.conversations={root / 'scenes' / 'train' / 'conversations.json'}",
+                      f"optim.max_steps={preset.compress_steps}", f"optim.seed={e.seed}", *e.extra,
+                      method=e.method, budget=e.budget)
+    return run
 
 
-def _stage_eval_upper(root: Path, preset: RunPreset) -> dict:
+# ---------------------------------------------------------------------- evaluation
+
+
+def _evaluate(root: Path, key: str, model_dir: Path, method: str, budget: int | None, families) -> dict:
     from transformers import AutoTokenizer
 
     from .data.scenes import read_jsonl
     from .evaluation.runner import run_eval
     from .evaluation.scorers import vqa
     from .methods import load_for_method
+    from .vq.store import FeatureStore
 
-    model_dir = root / "instruct" / "model"
-    model, tok = load_for_method(model_dir, "model"), AutoTokenizer.from_pretrained(model_dir)
+    model, tok = load_for_method(model_dir, method, budget), AutoTokenizer.from_pretrained(model_dir)
+    needs_q = model.config.compression in ("htc", "discrete")
+    store = FeatureStore(root / "features.safetensors", expected_dim=model.config.discrete_dim) if needs_q else None
     scores, by_tag = {}, {}
-    for family, bench in FAMILY_BENCHMARKS.items():
+    for family in families:
+        bench = FAMILY_BENCHMARKS[family]
         qfile = root / "scenes" / "test" / f"{family}.jsonl"
-        r = run_eval(model, tok, bench, qfile, root / "scenes" / "images", root / "eval" / "upper" / family,
-                     method="upper", model_name=str(model_dir))
+        r = run_eval(model, tok, bench, qfile, root / "scenes" / "images", root / "eval" / key / family,
+                     method=method, features=store, model_name=str(model_dir))
         scores[family] = round(r["scores"][bench], 2)
         if family == "open":
             preds = {json.loads(x)["question_id"]: json.loads(x)["prediction"]
-                     for x in (root / "eval" / "upper" / family / "predictions.jsonl").read_text().splitlines()}
+                     for x in (root / "eval" / key / family / "predictions.jsonl").read_text().splitlines()}
             for tag in ("semantic", "detail"):
                 rows = [q for q in read_jsonl(qfile) if q["tag"] == tag]
                 by_tag[tag] = round(100 * sum(vqa.accuracy(preds[q["question_id"]], [q["answer"]]) for q in rows)
                                     / len(rows), 2)
-    return {"outputs": str(root / "eval" / "upper"), "scores": scores, "open_by_tag": by_tag,
-            "command": f"htc-vlm eval --model {model_dir} --benchmark scenes_open --questions "
-                       f"{root / 'scenes/test/open.jsonl'} --images {root / 'scenes/images'} --out {root / 'eval/upper/open'}"}
+    flags = f"--method {method}" + (f" --budget {budget}" if budget else "") + (" --features " + str(root / "features.safetensors") if needs_q else "")
+    return {"outputs": str(root / "eval" / key), "model": str(model_dir), "scores": scores, "open_by_tag": by_tag,
+            "command": f"htc-vlm eval --model {model_dir} {flags} --benchmark <family's benchmark> --questions "
+                       f"{root / 'scenes/test'}/<family>.jsonl --images {root / 'scenes/images'} --out {root / 'eval' / key}/<family>"}
 
 
-STAGES: list[Stage] = [
-    Stage("scenes", _stage_scenes, "generate the scene benchmark and the embedded tokenizer"),
-    Stage("vision", _stage_vision, "pre-train the tiny vision tower (dense scene attributes)"),
-    Stage("tokenizer", _stage_tokenizer, "train the multi-group VQ tokenizer"),
-    Stage("features", _stage_features, "store the discrete latents q of every image"),
-    Stage("align", _stage_align, "align: projector (and the from-scratch LM) on captions"),
-    Stage("instruct", _stage_instruct, "instruct: the uncompressed upper bound"),
-    Stage("eval_upper", _stage_eval_upper, "evaluate the upper bound on every question family"),
-]
+def _eval_stage(key: str, model: Callable[[Path], Path], method: str, budget: int | None, families=None) -> Callable:
+    def run(root: Path, preset: RunPreset) -> dict:
+        fams = families(preset) if callable(families) else (families or tuple(FAMILY_BENCHMARKS))
+        return _evaluate(root, key, model(root), method, budget, fams)
+    return run
+
+
+def _upper(root: Path) -> Path:
+    return root / "instruct" / "model"
+
+
+# ---------------------------------------------------------------------- analysis
+
+
+def _stage_probing(root: Path, preset: RunPreset) -> dict:
+    from .analysis.probing import probe_model
+    from .inference import ImageEncoder
+    from .methods import load_for_method
+    from .vq.store import FeatureStore
+
+    result = {}
+    for key in ("htc-b1", "voco-b1"):
+        model = load_for_method(root / "runs" / key / "model", "model")
+        store = FeatureStore(root / "features.safetensors", expected_dim=model.config.discrete_dim)
+        enc = ImageEncoder(model, store, root=root / "scenes" / "images")
+        result[key] = probe_model(model, enc, root / "scenes" / "train" / "scenes.jsonl",
+                                  root / "scenes" / "test" / "scenes.jsonl")
+    atomic_write_bytes(root / "probing.json", (json.dumps(result, indent=1) + "\n").encode())
+    return {"outputs": str(root / "probing.json"), "probes": result,
+            "command": f"htc-vlm reproduce --out {root} --only probing  (htc_vlm.analysis.probing.probe_model on "
+                       f"{root / 'runs'}/{{htc-b1,voco-b1}}/model)"}
+
+
+def _stage_attention(root: Path, preset: RunPreset) -> dict:
+    from .analysis.attention import plot_heatmaps, voco_attention
+    from .data.scenes import read_jsonl
+    from .inference import ImageEncoder
+    from .methods import load_for_method
+    from .vq.store import FeatureStore
+
+    images = [s["image"] for s in read_jsonl(root / "scenes" / "test" / "scenes.jsonl")[:16]]
+    maps, raw = {}, {}
+    for key, title in (("htc-b1", "HTC: voco over anchors + patches"), ("voco-b1", "VoCo: voco over patches")):
+        model = load_for_method(root / "runs" / key / "model", "model")
+        store = FeatureStore(root / "features.safetensors", expected_dim=model.config.discrete_dim)
+        att = voco_attention(model, ImageEncoder(model, store, root=root / "scenes" / "images"), images)
+        c = model.config
+        n_a = c.num_anchors if c.compression == "htc" else 0
+        labels = [f"a{i + 1}" for i in range(n_a)] + [f"p{i + 1}" for i in range(c.num_patches)]
+        keep = n_a + min(c.num_patches, 12 if n_a else 16)  # anchors + first 12 patches / first 16 patches
+        maps[title] = (att[:, :keep], labels[:keep])
+        raw[key] = {"labels": labels[:keep], "attention": att[:, :keep].tolist(),
+                    "anchor_share": float(att[:, :n_a].sum(1).mean() / att.sum(1).mean()) if n_a else 0.0}
+        layers, heads = c.text_config.num_hidden_layers, c.text_config.num_attention_heads
+    caption = (f"Attention of the voco token over the image block, 16 test images, mean over all {layers} layers "
+               f"and {heads} heads of the language model")
+    plot_heatmaps(maps, root / "attention.png", caption)
+    atomic_write_bytes(root / "attention.json", (json.dumps(raw) + "\n").encode())
+    return {"outputs": str(root / "attention.png"), "caption": caption,
+            "anchor_share": round(raw["htc-b1"]["anchor_share"], 4),
+            "command": f"htc-vlm reproduce --out {root} --only attention"}
+
+
+# ---------------------------------------------------------------------- the stage list
+
+
+def stages(p: RunPreset) -> list[Stage]:
+    out = [
+        Stage("scenes", _stage_scenes, "generate the scene benchmark and the embedded tokenizer"),
+        Stage("vision", _stage_vision, "pre-train the tiny vision tower (dense scene attributes)"),
+        Stage("tokenizer", _stage_tokenizer, "train the multi-group VQ tokenizer"),
+        Stage("features", _stage_features, "store the discrete latents q of every image"),
+        Stage("align", _stage_align, "align: projector and the from-scratch LM on captions"),
+        Stage("instruct", _stage_instruct, "instruct: the uncompressed upper bound"),
+        Stage("eval/upper", _eval_stage("upper", _upper, "upper", None), "evaluate the upper bound", "table1"),
+        Stage("eval/lower", _eval_stage("lower", _upper, "lower", None), "evaluate the lower bound", "table1"),
+    ]
+    for e in experiments(p):
+        group = e.groups[0]
+        fams = None if "table1" in e.groups or "seeds" in e.groups else (lambda pr: pr.table2_families)
+        out.append(Stage(f"train/{e.key}", _train_experiment(e), f"train {e.method} ({e.key})", group))
+        out.append(Stage(f"eval/{e.key}", _eval_stage(e.key, lambda r, k=e.key: r / "runs" / k / "model", "model",
+                                                      None, fams), f"evaluate {e.key}", group))
+    for b in p.budgets:
+        for m in ("fastv", "pdrop", "sparsevlm", "tome"):
+            out.append(Stage(f"eval/{m}-b{b}", _eval_stage(f"{m}-b{b}", _upper, m, b, lambda pr: pr.table2_families),
+                             f"evaluate {m} at budget {b} (training-free)", "table2"))
+    out.append(Stage("probing", _stage_probing, "Table 3: linear probes on z_voco, anchors, patches", "analysis"))
+    out.append(Stage("attention", _stage_attention, "Figure 3: voco attention heatmaps", "analysis"))
+    return out
 
 
 def run(out: Path, preset: str = "tiny", quick: bool = False, only: list[str] | None = None, console=None) -> dict:
     """Run (or resume) every stage of ``preset`` into ``out``; return the run record."""
     p = get_preset(preset, quick)
-    names = [s.name for s in STAGES]
+    todo = stages(p)
+    names = {s.name for s in todo} | {s.group for s in todo}
     for n in only or []:
         if n not in names:
-            raise HTCError(f"unknown stage {n!r}; stages: {', '.join(names)}")
+            raise HTCError(f"unknown stage {n!r}; stages: {', '.join(s.name for s in todo)}; "
+                           f"groups: {', '.join(sorted({s.group for s in todo}))}")
     out.mkdir(parents=True, exist_ok=True)
     record_path = out / "run.json"
-    record = json.loads(record_path.read_text()) if record_path.exists() else {"preset": asdict(p), "stages": {}}
-    if record["preset"] != asdict(p):
+    this = json.loads(json.dumps(asdict(p)))
+    record = json.loads(record_path.read_text()) if record_path.exists() else {"preset": this, "stages": {}}
+    if record["preset"] != this:
         raise HTCError(f"{out} holds a run of preset {record['preset']['name']!r} with other settings; "
                        f"resume it with the same options, or start fresh with another --out or after deleting {out}")
 
     def save():
         atomic_write_bytes(record_path, (json.dumps(record, indent=1) + "\n").encode())
 
-    for i, stage in enumerate(STAGES, 1):
+    t_start, spent = time.perf_counter(), []
+    for i, stage in enumerate(todo, 1):
         state = record["stages"].get(stage.name, {})
-        if (only and stage.name not in only) or state.get("status") == "done":
-            _say(console, f"[{i}/{len(STAGES)}] {stage.name}: {'skipped' if only and stage.name not in only else 'done already'}")
+        selected = not only or stage.name in only or stage.group in only
+        if not selected or state.get("status") == "done":
+            _say(console, f"[{i}/{len(todo)}] {stage.name}: {'skipped' if not selected else 'done already'}")
             continue
-        _say(console, f"[{i}/{len(STAGES)}] {stage.name}: {stage.help}")
+        left = sum(1 for s in todo[i - 1:] if (not only or s.name in only or s.group in only)
+                   and record["stages"].get(s.name, {}).get("status") != "done")
+        eta = f", about {sum(spent) / len(spent) * left / 60:.0f} min left" if spent else ""
+        _say(console, f"[{i}/{len(todo)}] {stage.name}: {stage.help} "
+                      f"({(time.perf_counter() - t_start) / 60:.1f} min so far{eta})")
         t0 = time.perf_counter()
         try:
             summary = stage.run(out, p)
@@ -197,32 +368,23 @@ def run(out: Path, preset: str = "tiny", quick: bool = False, only: list[str] | 
             record["stages"][stage.name] = {"status": "failed", "error": f"{type(e).__name__}: {e}",
                                             "traceback": traceback.format_exc()}
             save()
-            _write_report(out, record)
+            write_report(out, record)
             raise
-        record["stages"][stage.name] = {"status": "done", "seconds": round(time.perf_counter() - t0, 2), **summary}
+        spent.append(time.perf_counter() - t0)
+        record["stages"][stage.name] = {"status": "done", "seconds": round(spent[-1], 2), **summary}
         save()
-    _write_report(out, record)
+        write_report(out, record)
+    write_report(out, record)
     _say(console, f"report: {out / 'report.md'}")
     return record
 
 
-def _write_report(out: Path, record: dict) -> None:
-    lines = [f"# htc-vlm reproduce: preset {record['preset']['name']}", "",
-             "| stage | status | seconds | outputs | command |", "|---|---|---|---|---|"]
-    for name, s in record["stages"].items():
-        lines.append(f"| {name} | {s['status']} | {s.get('seconds', '')} | {s.get('outputs', '')} | "
-                     f"`{s.get('command', '')}` |" if s["status"] == "done" else f"| {name} | failed: {s['error']} | | | |")
-    ev = record["stages"].get("eval_upper", {})
-    if ev.get("status") == "done":
-        lines += ["", "## Upper bound (uncompressed) on the scene benchmark", "",
-                  "| family | score |", "|---|---|"]
-        lines += [f"| {fam} ({FAMILY_BENCHMARKS[fam]} metric) | {v} |" for fam, v in ev["scores"].items()]
-        lines += [f"| open, {tag} questions | {v} |" for tag, v in ev["open_by_tag"].items()]
-    tok = record["stages"].get("tokenizer", {})
-    if tok.get("status") == "done":
-        lines += ["", f"Tokenizer: held-out PSNR {tok['psnr_db']} dB, min codebook usage {tok['min_codebook_usage']}."]
-    atomic_write_bytes(out / "report.md", ("\n".join(lines) + "\n").encode())
-    atomic_write_bytes(out / "results.json", (json.dumps(record, indent=1) + "\n").encode())
+def write_report(out: Path, record: dict) -> None:
+    from .report import render
+
+    text, results = render(out, record)
+    atomic_write_bytes(out / "report.md", text.encode())
+    atomic_write_bytes(out / "results.json", (json.dumps(results, indent=1) + "\n").encode())
 
 
 def _say(console, msg: str) -> None:

@@ -17,14 +17,18 @@ class Projector(nn.Module):
     """P_v: ``linear`` or LLaVA-1.5's ``mlp2x_gelu``; parameter names match transformers' LLaVA
     (``linear_1``, ``linear_2``) so LLaVA checkpoints load without renaming."""
 
-    def __init__(self, in_dim: int, out_dim: int, kind: str, bias: bool = True):
+    def __init__(self, in_dim: int, out_dim: int, kind: str, bias: bool = True, norm: bool = False):
         super().__init__()
+        if norm:
+            self.norm = nn.LayerNorm(in_dim)
         self.linear_1 = nn.Linear(in_dim, out_dim, bias=bias)
         if kind == "mlp2x_gelu":
             self.act = nn.GELU()
             self.linear_2 = nn.Linear(out_dim, out_dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "norm"):
+            x = self.norm(x)
         x = self.linear_1(x)
         if hasattr(self, "linear_2"):
             x = self.linear_2(self.act(x))

@@ -100,7 +100,7 @@ class SceneObject:
         return f"{self.color} {self.shape}"
 
     def describe(self) -> str:
-        return f"a {self.size} {self.color} {self.texture} {self.shape} at the {self.position}"
+        return f"{self.position} : {self.size} {self.color} {self.texture} {self.shape}"
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,10 @@ class Scene:
         return next(o for o in self.objects if o.shape == shape)
 
     def caption(self) -> str:
+        """Objects in raster order, each introduced by its place ("top left : small red solid circle ,
+        center : ..."): naming the cell first tells the language model which patch to read next,
+        instead of making it pick the next object before its place is said. (Measured once, 4 align
+        epochs: shape named right in one-object captions 0.56 vs 0.49 with the place last.)"""
         parts = [o.describe() for o in sorted(self.objects, key=lambda o: (o.row, o.col))]
         return ", ".join(parts) + "."
 

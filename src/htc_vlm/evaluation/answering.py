@@ -21,9 +21,14 @@ from ..modeling import HTCForConditionalGeneration
 def answer_questions(model: HTCForConditionalGeneration, tokenizer, questions: list[dict], source: ImageEncoder,
                      prompt: Callable[[dict], str], template: str = "plain", batch_size: int = 32,
                      max_new_tokens: int = 8, progress: Callable[[int], None] | None = None) -> Iterable[dict]:
-    """Yield ``{question_id, prediction}`` per question, grouped by image (one compress each)."""
+    """Yield ``{question_id, prediction}`` per question, grouped by image (one compress each;
+    question-aware methods, the training-free ones, run each image with each of its questions)."""
     builder = PromptBuilder(tokenizer, get_template(template), model.config)
     prefix = builder.prefix_ids()
+    if getattr(model, "question_aware", False):
+        yield from _answer_question_aware(model, tokenizer, questions, source, prompt, builder, batch_size,
+                                          max_new_tokens, progress)
+        return
     by_image: dict[str, list[dict]] = defaultdict(list)
     for q in questions:
         by_image[q["image"]].append(q)
@@ -46,3 +51,16 @@ def answer_questions(model: HTCForConditionalGeneration, tokenizer, questions: l
                 yield {"question_id": q["question_id"], "prediction": text.strip()}
             if progress:
                 progress(len(chunk))
+
+
+def _answer_question_aware(model, tokenizer, questions, source, prompt, builder, batch_size, max_new_tokens,
+                           progress) -> Iterable[dict]:
+    for b in range(0, len(questions), batch_size):
+        chunk = questions[b:b + batch_size]
+        pix, _ = source.batch([q["image"] for q in chunk])
+        outs = model.generate_answers(pix, builder.prefix_ids(), [builder.question_ids(prompt(q)) for q in chunk],
+                                      max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        for q, ids in zip(chunk, outs):
+            yield {"question_id": q["question_id"], "prediction": tokenizer.decode(ids, skip_special_tokens=True).strip()}
+        if progress:
+            progress(len(chunk))

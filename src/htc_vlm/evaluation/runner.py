@@ -82,9 +82,13 @@ def answer_by_likelihood(model, tokenizer, rows: list[dict], source: ImageEncode
     for b in range(0, len(rows), batch_size):
         chunk = rows[b:b + batch_size]
         pix, q = source.batch([r["image"] for r in chunk])
-        cache = model.compress(pix, q, prefix_ids=builder.prefix_ids())
-        ids, mask = left_pad([builder.question_ids(prompt(r)) for r in chunk], tokenizer.pad_token_id)
-        logits = model(**model.answer_inputs(cache, ids, mask)).logits[:, -1]  # (Q, V)
+        rows_ids = [builder.question_ids(prompt(r)) for r in chunk]
+        if getattr(model, "question_aware", False):
+            logits = model.next_token_logits(pix, builder.prefix_ids(), rows_ids, tokenizer.pad_token_id)
+        else:
+            cache = model.compress(pix, q, prefix_ids=builder.prefix_ids())
+            ids, mask = left_pad(rows_ids, tokenizer.pad_token_id)
+            logits = model(**model.answer_inputs(cache, ids, mask)).logits[:, -1]  # (Q, V)
         for r, row_logits in zip(chunk, logits):
             letters = "ABCDEFGH"[: len(r.get("options") or "ABCD")]
             letter_ids = [tokenizer.convert_tokens_to_ids(x) for x in letters]

@@ -27,15 +27,16 @@ class ModelSpec:
     llava: str | None = None  # a local transformers LLaVA checkpoint to start from
     vision_tower: str | None = None  # a pretrained vision tower folder (vision stage output, local CLIP)
     language_model: str | None = None  # a local causal-LM folder (e.g. Vicuna-7B v1.5)
-    compression: str | None = None  # none / voco / htc / discrete (None: keep the init's)
+    compression: str | None = None  # none / voco / htc / discrete / avgpool / qformer (None: keep the init's)
     num_voco: int | None = None
+    pool_tokens: int | None = None
     num_anchors: int | None = None
     vision_attention: str | None = None
     fusion: str | None = None
     attn_implementation: str = "sdpa"
 
     def overrides(self) -> dict:
-        keys = ("compression", "num_voco", "num_anchors", "vision_attention", "fusion")
+        keys = ("compression", "num_voco", "pool_tokens", "num_anchors", "vision_attention", "fusion")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
@@ -81,11 +82,12 @@ PARTS = {  # names for model.trainable -> parameter-name prefixes
     "language_model": ("model.language_model.", "lm_head."),
     "voco": ("model.voco_embeddings.",),
     "anchors": ("model.anchor_projector.", "model.discrete_projector."),
+    "pooler": ("model.visual_pooler.",),
 }
 DEFAULT_TRAINABLE = {  # the paper's recipe (VoCo-LLaMA / LLaVA-1.5); the vision tower stays frozen
     "align": ("projector",),
     "instruct": ("projector", "language_model"),
-    "compress": ("projector", "language_model", "voco", "anchors"),
+    "compress": ("projector", "language_model", "voco", "anchors", "pooler"),
 }
 
 

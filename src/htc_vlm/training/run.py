@@ -96,7 +96,15 @@ def _load_htc(cfg: TrainConfig, tokenizer) -> HTCForConditionalGeneration:
         if not (Path(m.init) / "config.json").exists():
             raise HTCError(f"model.init {m.init} is not an HTC checkpoint folder (no config.json); "
                            f"train the previous stage first")
-        return HTCForConditionalGeneration.from_pretrained(m.init, **m.overrides(), **attn)
+        overrides = m.overrides()
+        num_voco = overrides.pop("num_voco", None)
+        model = HTCForConditionalGeneration.from_pretrained(m.init, **overrides, **attn)
+        if num_voco is not None and num_voco != model.config.num_voco:  # e.g. Table 2 budgets from the upper bound
+            old = model.model.voco_embeddings.weight.data  # (old num_voco, D)
+            model.model.voco_embeddings = torch.nn.Embedding(num_voco, old.shape[1]).to(old.dtype)
+            model.model.voco_embeddings.weight.data[:] = old.mean(0)  # RoPE tells the copies apart
+            model.config.num_voco = num_voco
+        return model
     if m.llava:
         voco = tokenizer.convert_tokens_to_ids("<voco>")
         return HTCForConditionalGeneration.from_llava(m.llava, voco_token_id=voco, **m.overrides())
@@ -171,9 +179,9 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(cfg.data.tokenizer)
     torch.manual_seed(cfg.optim.seed)
     model = _load_htc(cfg, tokenizer)
-    if cfg.stage == "compress" and not model.config.compresses:
-        raise HTCError("the compress stage needs model.compression = voco, htc or discrete")
-    if cfg.stage in ("align", "instruct") and model.config.compresses:
+    if cfg.stage == "compress" and model.config.compression == "none":
+        raise HTCError("the compress stage needs model.compression = voco, htc, discrete, avgpool or qformer")
+    if cfg.stage in ("align", "instruct") and model.config.compression != "none":
         raise HTCError(f"the {cfg.stage} stage trains the uncompressed model; set model.compression=none")
     freeze_for_stage(model, cfg)
     features = None

@@ -1,0 +1,183 @@
+"""Running the upper-bound model with visual tokens dropped inside the language model: the engine
+behind the training-free methods of Table 2 (FastV, PDrop, SparseVLM) and the answering path they
+share with ToMe.
+
+These methods choose visual tokens with the question in view, so the image cannot be compressed
+once and reused: each question runs ``[prefix] [visual tokens] [question]`` through the model.
+Dropping a visual token after layer ``i`` is done by masking it as a key in every later layer,
+with the original RoPE positions kept (as FastV's code does); for the tokens that remain this is
+exactly what removing the token from the sequence computes. The selection is made once from the
+prompt (its last token's attention), as with a KV cache, and answer tokens see only what is kept.
+
+The language model is run layer by layer through its public modules; this needs the pre-norm
+decoder layer of Llama / Mistral / Qwen2 (``input_layernorm``, ``self_attn``,
+``post_attention_layernorm``, ``mlp``) and eager attention, which returns attention weights.
+
+Shape notation: B rows (one question each), T sequence, K visual tokens, H heads, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import HTCError
+from ..layout import positions
+from ..modeling import HTCForConditionalGeneration
+
+
+class QuestionAwareVLM:
+    """An uncompressed model answering through its own visual tokens and selection. Subclasses
+    override :meth:`visual_tokens` (ToMe) and/or :meth:`select` with ``score_layers`` (FastV...)."""
+
+    question_aware = True  # tells the evaluator to run image + question together
+    score_layers: tuple[int, ...] = ()  # layers whose attention weights select() reads
+
+    def __init__(self, model: HTCForConditionalGeneration, budget: int | None):
+        if model.config.compression != "none":
+            raise HTCError("training-free methods apply to the uncompressed upper-bound model")
+        model.set_attn_implementation("eager")  # eager attention returns the weights select() reads
+        self.model, self.config = model.eval(), model.config
+        self.budget = model.config.num_patches if budget is None else budget
+        if not 1 <= self.budget <= model.config.num_patches:
+            raise HTCError(f"budget must be between 1 and the {model.config.num_patches} patch tokens, got {self.budget}")
+        lm = model.model.language_model
+        layer = lm.layers[0]
+        for attr in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"):
+            if not hasattr(layer, attr):
+                raise HTCError(f"{type(layer).__name__} has no {attr}: layer-wise pruning needs a Llama-style decoder")
+        self.kept_counts: list[int] = []  # visual tokens each layer's queries saw, last call, row 0
+
+    def eval(self):
+        return self
+
+    # ------------------------------------------------------------------ overridable parts
+
+    def visual_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, K, D): the projected patch tokens."""
+        return self.model.model.patch_embeddings(pixel_values)
+
+    def select(self, layer: int, attn: torch.Tensor, kept: torch.Tensor, visual: torch.Tensor, text: torch.Tensor,
+               query: int) -> torch.Tensor:
+        """After ``layer`` (whose attention probabilities are ``attn``, (B, H, T, T)): the visual
+        tokens kept for the layers after it, a (B, T) bool subset of ``kept``."""
+        return kept
+
+    # ------------------------------------------------------------------ the engine
+
+    def _run(self, embeds: torch.Tensor, pad_mask: torch.Tensor, visual: torch.Tensor, text: torch.Tensor,
+             query: int) -> torch.Tensor:
+        """Logits (B, T, V) with visual tokens dropped per :meth:`select`."""
+        lm = self.model.model.language_model
+        b, t, _ = embeds.shape
+        pos = positions(pad_mask)
+        pe = lm.rotary_emb(embeds, pos)
+        idx = torch.arange(t, device=embeds.device)
+        eye = (idx[:, None] == idx[None, :])[None]
+        base = (idx[None, :] <= idx[:, None])[None] & pad_mask.bool()[:, None, :]  # (B, T, T) causal, no pad keys
+        kept, h, counts = visual.clone(), embeds, []
+        for i, layer in enumerate(lm.layers):
+            allowed = (base & ~(visual & ~kept)[:, None, :]) | eye
+            mask = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device)
+            mask = mask.masked_fill_(~allowed, torch.finfo(h.dtype).min)[:, None]  # additive: eager adds it
+            counts.append(int(kept[0].sum()))
+            residual = h
+            a, weights = layer.self_attn(hidden_states=layer.input_layernorm(h), attention_mask=mask,
+                                         position_ids=pos, position_embeddings=pe)
+            h = residual + a
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            if i in self.score_layers:
+                if weights is None:
+                    raise HTCError("layer-wise pruning needs eager attention weights")
+                kept = self.select(i, weights, kept, visual, text, query)
+        self.kept_counts = counts
+        return self.model.lm_head(lm.norm(h))
+
+    def _layout(self, pixel_values, prefix_ids: list[int], rows: list[list[int]], pad: int):
+        """Left-padded ``[prefix][visual][question]`` rows: embeds, pad mask, visual / text masks."""
+        vis = self.visual_tokens(pixel_values)  # (B, K, D)
+        emb = self.model.get_input_embeddings()
+        k, p = vis.shape[1], len(prefix_ids)
+        t = p + k + max(map(len, rows))
+        embeds = vis.new_zeros(len(rows), t, vis.shape[-1])
+        pad_mask = torch.zeros(len(rows), t, dtype=torch.long, device=vis.device)
+        visual = torch.zeros(len(rows), t, dtype=torch.bool, device=vis.device)
+        for r, q in enumerate(rows):
+            s = t - (p + k + len(q))
+            ids = torch.tensor(list(prefix_ids) + list(q), device=vis.device)
+            text_emb = emb(ids)
+            embeds[r, s:s + p] = text_emb[:p]
+            embeds[r, s + p:s + p + k] = vis[r]
+            embeds[r, s + p + k:] = text_emb[p:]
+            pad_mask[r, s:] = 1
+            visual[r, s + p:s + p + k] = True
+        text = pad_mask.bool() & ~visual
+        return embeds, pad_mask, visual, text
+
+    @torch.no_grad()
+    def next_token_logits(self, pixel_values: torch.Tensor, prefix_ids: list[int], rows: list[list[int]],
+                          pad: int) -> torch.Tensor:
+        """(B, V): the logits after each question (multiple-choice scoring)."""
+        embeds, pad_mask, visual, text = self._layout(pixel_values, prefix_ids, rows, pad)
+        return self._run(embeds, pad_mask, visual, text, embeds.shape[1] - 1)[:, -1]
+
+    @torch.no_grad()
+    def generate_answers(self, pixel_values: torch.Tensor, prefix_ids: list[int], rows: list[list[int]],
+                         max_new_tokens: int, eos_token_id: int, pad_token_id: int) -> list[list[int]]:
+        """Greedy answers, one per row (each row's image in ``pixel_values``), without the prompt."""
+        embeds, pad_mask, visual, text = self._layout(pixel_values, prefix_ids, rows, pad_token_id)
+        query = embeds.shape[1] - 1  # the selection reads the prompt's last token, fixed while decoding
+        emb = self.model.get_input_embeddings()
+        out = [[] for _ in rows]
+        done = torch.zeros(len(rows), dtype=torch.bool)
+        for _ in range(max_new_tokens):
+            nxt = self._run(embeds, pad_mask, visual, text, query)[:, -1].argmax(-1)  # (B,)
+            for r, tok in enumerate(nxt.tolist()):
+                if not done[r]:
+                    out[r].append(tok)
+            done |= nxt.cpu() == eos_token_id
+            if bool(done.all()):
+                break
+            embeds = torch.cat([embeds, emb(nxt)[:, None]], dim=1)
+            pad_mask = torch.cat([pad_mask, pad_mask.new_ones(len(rows), 1)], dim=1)
+            visual = torch.cat([visual, visual.new_zeros(len(rows), 1)], dim=1)
+            text = torch.cat([text, text.new_ones(len(rows), 1)], dim=1)
+        return [[x for x in o if x != eos_token_id] for o in out]
+
+
+def attention_to_visual(attn: torch.Tensor, queries: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+    """Mean attention (over heads and the given query rows) each token receives: (B, T), 0 off-visual.
+
+    attn (B, H, T, T) probabilities; queries (B, T) bool, the rows to average."""
+    a = attn.float().mean(1)  # (B, T, T)
+    w = queries.float()
+    score = (a * w[:, :, None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1)  # (B, T)
+    return score.masked_fill(~visual, float("-inf"))
+
+
+def keep_top(score: torch.Tensor, kept: torch.Tensor, n: int) -> torch.Tensor:
+    """The ``n`` highest-scoring tokens among ``kept`` (B, T) bool; ties broken by position."""
+    s = score.masked_fill(~kept, float("-inf"))
+    top = s.topk(n, dim=1).indices  # (B, n)
+    out = torch.zeros_like(kept)
+    return out.scatter_(1, top, True) & kept
+
+
+def schedule(n_tokens: int, budget: int, stages: int) -> list[int]:
+    """Token counts after each of ``stages`` pruning steps, falling geometrically to ``budget``."""
+    ratio = (budget / n_tokens) ** (1 / stages)
+    counts = [max(budget, round(n_tokens * ratio ** (s + 1))) for s in range(stages)]
+    counts[-1] = budget
+    return counts
+
+
+def scaled_layers(layers_of_32: tuple[int, ...], num_layers: int) -> tuple[int, ...]:
+    """Pruning layers given for a 32-layer LLM (the papers' LLaVA-7B) mapped to ``num_layers``,
+    kept inside the model and strictly increasing."""
+    out = []
+    for layer in layers_of_32:
+        x = min(num_layers - 1, max(0, round(layer * num_layers / 32)))
+        if out and x <= out[-1]:
+            x = out[-1] + 1
+        if x < num_layers:
+            out.append(x)
+    return tuple(out)

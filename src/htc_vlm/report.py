@@ -1,0 +1,237 @@
+"""``report.md``, ``results.json`` and the figures of a ``htc-vlm reproduce`` run, from its
+``run.json`` alone: every number links to the stage (checkpoint and command) that produced it.
+
+Retention is the paper's ``(R - Lower) / (Upper - Lower)`` per question family; a family where
+the upper bound does not beat the lower bound has no retention and is left out of the averages
+(the report says so).
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from .evaluation.retention import retention
+
+TABLE1 = [("upper", "upper bound (all 9 patch tokens)"), ("lower", "lower bound (voco mask, untrained)"),
+          ("avgpool-b1", "average pooling"), ("qformer-b1", "Q-Former"), ("voco-b1", "VoCo-LLaMA"),
+          ("htc-b1", "HTC (ours)"), ("discrete-b1", "discrete only")]
+TABLE2_METHODS = ["fastv", "pdrop", "sparsevlm", "tome", "voco", "htc"]
+
+
+def _done(record: dict, name: str) -> dict | None:
+    s = record["stages"].get(name)
+    return s if s and s.get("status") == "done" else None
+
+
+def _retentions(scores: dict, upper: dict, lower: dict) -> dict:
+    out = {}
+    for fam, v in scores.items():
+        if fam in upper and fam in lower and upper[fam] > lower[fam]:
+            out[fam] = round(retention(v, lower[fam], upper[fam]), 1)
+    return out
+
+
+def _avg(d: dict, fams) -> float | None:
+    vals = [d[f] for f in fams if f in d]
+    return round(sum(vals) / len(vals), 1) if vals else None
+
+
+def _cell(score, ret) -> str:
+    return "" if score is None else (f"{score:.1f}" + (f" ({ret:.0f}%)" if ret is not None else ""))
+
+
+def render(out: Path, record: dict) -> tuple[str, dict]:
+    name = record["preset"]["name"]
+    lines = [f"# htc-vlm reproduce: preset {name}", ""]
+    results: dict = {"preset": record["preset"], "stages": record["stages"]}
+    up, lo = _done(record, "eval/upper"), _done(record, "eval/lower")
+    bounds = (up["scores"], lo["scores"]) if up and lo else None
+
+    def row_data(key):
+        s = _done(record, f"eval/{key}")
+        if not s:
+            return None
+        rets = _retentions(s["scores"], *bounds) if bounds else {}
+        return {"scores": s["scores"], "open_by_tag": s.get("open_by_tag", {}), "retention": rets,
+                "avg_retention": _avg(rets, rets), "stage": f"eval/{key}"}
+
+    failed = [(k, v["error"]) for k, v in record["stages"].items() if v.get("status") == "failed"]
+    for k, err in failed:
+        lines += [f"**Stage `{k}` failed: {err}.** Run the same command again to resume there.", ""]
+
+    if up:
+        fams = list(up["scores"])
+        lines += ["## Table 1 analog: everything to one visual token", "",
+                  "Scores per question family (open: VQA accuracy; pope: F1; mme: total score; mc: circular "
+                  "accuracy), retention in brackets; `avg ret.` averages the families with a defined retention.", "",
+                  "| method | " + " | ".join(fams) + " | open semantic | open detail | avg ret. (%) |",
+                  "|---|" + "---|" * (len(fams) + 3)]
+        t1 = {}
+        for key, label in TABLE1:
+            d = row_data(key)
+            if d is None:
+                continue
+            t1[key] = d
+            cells = [_cell(d["scores"].get(f), d["retention"].get(f)) for f in fams]
+            tags = [_cell(d["open_by_tag"].get(t), None) for t in ("semantic", "detail")]
+            lines.append(f"| {label} | " + " | ".join(cells + tags) + f" | {d['avg_retention'] or ''} |")
+        if bounds:
+            undefined = [f for f in fams if f in bounds[1] and bounds[0][f] <= bounds[1][f]]
+            if undefined:
+                lines += ["", f"No retention for {', '.join(undefined)}: the upper bound does not beat the lower "
+                              f"bound there."]
+        results["table1"] = t1
+        _plot_retention(out, t1)
+        if (out / "retention.png").exists():
+            lines += ["", "![retention per method](retention.png)"]
+        lines.append("")
+
+    seeds = _seed_rows(record, row_data)
+    if seeds:
+        lines += ["## HTC vs VoCo over seeds (budget 1)", "",
+                  "| method | seeds | open accuracy, mean (min-max) | avg retention %, mean (min-max) |", "|---|---|---|---|"]
+        for m, rows in seeds.items():
+            acc = [r["scores"]["open"] for r in rows]
+            ret = [r["avg_retention"] for r in rows if r["avg_retention"] is not None]
+            fmt = lambda v: f"{statistics.mean(v):.1f} ({min(v):.1f}-{max(v):.1f})" if v else ""  # noqa: E731
+            lines.append(f"| {m} | {len(rows)} | {fmt(acc)} | {fmt(ret)} |")
+        results["seeds"] = seeds
+        lines.append("")
+
+    budgets = record["preset"]["budgets"]
+    t2 = {m: {b: row_data(f"{m}-b{b}") for b in budgets} for m in TABLE2_METHODS}
+    if any(d for per in t2.values() for d in per.values()):
+        fams2 = record["preset"]["table2_families"]
+        lines += ["## Table 2 analog: fixed token budgets", "",
+                  f"Budgets {', '.join(map(str, budgets))} of 9 patch tokens (the paper's 192 / 128 / 64 of 576). "
+                  f"Cells: open accuracy (avg retention over {', '.join(fams2)}).", "",
+                  "| method | " + " | ".join(f"budget {b}" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
+        for m, per in t2.items():
+            cells = []
+            for b in budgets:
+                d = per[b]
+                cells.append("" if d is None else _cell(d["scores"].get("open"), _avg(d["retention"], fams2)))
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        results["table2"] = {m: {str(b): d for b, d in per.items()} for m, per in t2.items()}
+        _plot_budgets(out, t2, budgets, fams2)
+        if (out / "budgets.png").exists():
+            lines += ["", "![retention per budget](budgets.png)"]
+        lines.append("")
+
+    abl = _ablation_rows(record, row_data)
+    if abl:
+        fams2 = record["preset"]["table2_families"]
+        lines += ["## Table 4 analog: ablations (budget 1)", "",
+                  "| ablation | setting | " + " | ".join(fams2) + " | avg ret. (%) |", "|---|---|" + "---|" * (len(fams2) + 1)]
+        for (group, setting), d in abl.items():
+            cells = [_cell(d["scores"].get(f), d["retention"].get(f)) for f in fams2]
+            lines.append(f"| {group} | {setting} | " + " | ".join(cells) + f" | {_avg(d['retention'], fams2) or ''} |")
+        results["table4"] = {f"{g}: {s}": d for (g, s), d in abl.items()}
+        lines.append("")
+
+    pr = _done(record, "probing")
+    if pr:
+        lines += ["## Table 3 analog: linear probes (top-1 %, test split)", "",
+                  "Semantic: object count, shape of the first object (raster order); detail: its colour and texture.", "",
+                  "| model | representation | count | shape | colour | texture | semantic | detail |", "|---|---|---|---|---|---|---|---|"]
+        for model, reps in pr["probes"].items():
+            for rep, r in reps.items():
+                lines.append(f"| {model} | {rep} | " + " | ".join(f"{r[k]:.1f}" for k in
+                             ("count", "shape", "colour", "texture", "semantic", "detail")) + " |")
+        lines.append("")
+
+    at = _done(record, "attention")
+    if at:
+        lines += ["## Figure 3 analog: voco attention", "", f"![voco attention](attention.png)", "",
+                  f"{at['caption']}. HTC's voco token gives {100 * at['anchor_share']:.1f}% of its image-block "
+                  f"attention to the anchors.", ""]
+
+    lines += ["## Provenance", "", "Every table cell above comes from the `eval/<key>` stage of its row; the model "
+              "it evaluated and the command that reproduces it are listed here.", "",
+              "| stage | status | seconds | outputs | command |", "|---|---|---|---|---|"]
+    for k, s in record["stages"].items():
+        if s["status"] == "done":
+            lines.append(f"| {k} | done | {s.get('seconds', '')} | {s.get('outputs', '')} | `{s.get('command', '')}` |")
+        else:
+            lines.append(f"| {k} | failed: {s['error']} | | | |")
+    tok = _done(record, "tokenizer")
+    if tok:
+        lines += ["", f"Tokenizer: held-out PSNR {tok['psnr_db']} dB, min codebook usage {tok['min_codebook_usage']}."]
+    total = sum(s.get("seconds", 0) for s in record["stages"].values())
+    lines += ["", f"Total stage time: {total / 60:.1f} min."]
+    return "\n".join(lines) + "\n", results
+
+
+def _seed_rows(record, row_data) -> dict:
+    out = {}
+    for m in ("voco", "htc"):
+        keys = [k[len("eval/"):] for k in record["stages"] if k.startswith(f"eval/{m}-b1") and
+                (k == f"eval/{m}-b1" or k.startswith(f"eval/{m}-b1-s"))]
+        rows = [row_data(k) for k in keys]
+        rows = [r for r in rows if r]
+        if len(rows) >= 2:
+            out[m] = rows
+    return out
+
+
+def _ablation_rows(record, row_data) -> dict:
+    rows = {}
+    spec = [("channels", "hybrid (HTC)", "htc-b1"), ("channels", "continuous only (VoCo)", "voco-b1"),
+            ("channels", "discrete only", "discrete-b1")]
+    for n in (1, 2, 4, 8):
+        spec.append(("N_d", str(n), "htc-b1" if n == 4 else f"htc-nd{n}"))
+    for f in ("pre", "post", "mean"):
+        spec.append(("fusion", f, "htc-b1" if f == "pre" else f"htc-{f}"))
+    for a in ("causal", "isolated"):
+        spec.append(("vision attention", a, "htc-b1" if a == "causal" else f"htc-{a}"))
+    for group, setting, key in spec:
+        if f"train/{key}" in record["stages"] or key == "htc-b1":
+            d = row_data(key)
+            if d:
+                rows[(group, setting)] = d
+    return rows if len(rows) > 1 else {}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot_retention(out: Path, t1: dict) -> None:
+    rows = {k: d["avg_retention"] for k, d in t1.items() if d["avg_retention"] is not None}
+    if len(rows) < 3:
+        return
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.bar(list(rows), list(rows.values()), color="tab:blue")
+    ax.set_ylabel("avg retention (%)")
+    ax.set_title("Table 1 analog: one visual token")
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(out / "retention.png", dpi=120)
+    plt.close(fig)
+
+
+def _plot_budgets(out: Path, t2: dict, budgets, fams) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3))
+    drawn = False
+    for m, per in t2.items():
+        pts = [(b, _avg(per[b]["retention"], fams)) for b in budgets if per[b] and _avg(per[b]["retention"], fams) is not None]
+        if pts:
+            ax.plot(*zip(*sorted(pts)), marker="o", label=m)
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return
+    ax.set_xlabel("visual tokens kept (of 9)")
+    ax.set_ylabel("avg retention (%)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "budgets.png", dpi=120)
+    plt.close(fig)

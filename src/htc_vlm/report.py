@@ -105,16 +105,16 @@ def render(out: Path, record: dict) -> tuple[str, dict]:
         fams2 = record["preset"]["table2_families"]
         lines += ["## Table 2 analog: fixed token budgets", "",
                   f"Budgets {', '.join(map(str, budgets))} of 9 patch tokens (the paper's 192 / 128 / 64 of 576). "
-                  f"Cells: open accuracy (avg retention over {', '.join(fams2)}).", "",
+                  f"Cells: open accuracy (its retention); `results.json` also has {', '.join(fams2[1:]) or 'no other family'}.", "",
                   "| method | " + " | ".join(f"budget {b}" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
         for m, per in t2.items():
             cells = []
             for b in budgets:
                 d = per[b]
-                cells.append("" if d is None else _cell(d["scores"].get("open"), _avg(d["retention"], fams2)))
+                cells.append("" if d is None else _cell(d["scores"].get("open"), d["retention"].get("open")))
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         results["table2"] = {m: {str(b): d for b, d in per.items()} for m, per in t2.items()}
-        _plot_budgets(out, t2, budgets, fams2)
+        _plot_budgets(out, t2, budgets)
         if (out / "budgets.png").exists():
             lines += ["", "![retention per budget](budgets.png)"]
         lines.append("")
@@ -217,12 +217,12 @@ def _plot_retention(out: Path, t1: dict) -> None:
     plt.close(fig)
 
 
-def _plot_budgets(out: Path, t2: dict, budgets, fams) -> None:
+def _plot_budgets(out: Path, t2: dict, budgets) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3))
     drawn = False
     for m, per in t2.items():
-        pts = [(b, _avg(per[b]["retention"], fams)) for b in budgets if per[b] and _avg(per[b]["retention"], fams) is not None]
+        pts = [(b, per[b]["retention"]["open"]) for b in budgets if per[b] and "open" in per[b]["retention"]]
         if pts:
             ax.plot(*zip(*sorted(pts)), marker="o", label=m)
             drawn = True
@@ -230,7 +230,7 @@ def _plot_budgets(out: Path, t2: dict, budgets, fams) -> None:
         plt.close(fig)
         return
     ax.set_xlabel("visual tokens kept (of 9)")
-    ax.set_ylabel("avg retention (%)")
+    ax.set_ylabel("open-question retention (%)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "budgets.png", dpi=120)

@@ -24,8 +24,9 @@ class SparseVLM(QuestionAwareVLM):
 
     def select(self, layer, attn, kept, visual, text, query):
         a = attn.float().mean(1)  # (B, T, T) mean over heads
-        # the question: text after the image block
-        after = visual.long().cumsum(1).clamp(max=1).bool() & ~visual & text  # (B, T)
+        # the question: text after the image block, up to the prompt's end (answer tokens never rate)
+        upto = torch.arange(visual.shape[1], device=visual.device)[None] <= query
+        after = visual.long().cumsum(1).clamp(max=1).bool() & ~visual & text & upto  # (B, T)
         relevance = (a * kept[:, None, :]).sum(-1)  # (B, T): each query's attention to kept visual tokens
         rel = relevance.masked_fill(~after, float("nan"))
         raters = after & (relevance >= torch.nanmean(rel, dim=1, keepdim=True))

@@ -37,6 +37,9 @@ class HTCLmms(lmms):
         from ..vq.store import FeatureStore
 
         self.model = load_for_method(pretrained, method)
+        if getattr(self.model, "question_aware", False):
+            raise HTCError(f"method {method!r} chooses tokens per question and has no compress-once cache; "
+                           f"evaluate it with `htc-vlm eval --method {method}`")
         self.tok = AutoTokenizer.from_pretrained(pretrained)
         store = FeatureStore(features, expected_dim=self.model.config.discrete_dim) if features else None
         self.encoder = ImageEncoder(self.model, store, MultiGroupVQ.load(vq) if vq else None, image_norm,

@@ -1,14 +1,15 @@
 """Lower bound (VoCo-LLaMA's definition): the upper-bound model evaluated under the voco mask with
 its untrained voco token, i.e. compression without compression training."""
 
-from .registry import Method, register, upper_bound
+from ..errors import HTCError
+from .registry import Method, load_checkpoint, register, upper_bound
 
 
 def _load(path, budget, options):
+    if budget not in (None, 1):
+        raise HTCError("the lower bound is defined for one voco token (Table 1); it takes no other budget")
     upper_bound(path)  # refuses a compressed checkpoint with a clear message
-    from .registry import load_checkpoint
-
-    return load_checkpoint(path, compression="voco", num_voco=budget or 1)
+    return load_checkpoint(path, compression="voco")
 
 
 METHOD = register(Method(

@@ -77,6 +77,9 @@ def render(out: Path, record: dict) -> tuple[str, dict]:
             tags = [_cell(d["open_by_tag"].get(t), None) for t in ("semantic", "detail")]
             lines.append(f"| {label} | " + " | ".join(cells + tags) + f" | {d['avg_retention'] or ''} |")
         if bounds:
+            gaps = ", ".join(f"{f} {bounds[0][f]:.1f} vs {bounds[1][f]:.1f}" for f in fams if f in bounds[1])
+            lines += ["", f"Bounds (upper vs lower): {gaps}. Where they are close, retention is noise: read "
+                          f"the scores, and the open column first."]
             undefined = [f for f in fams if f in bounds[1] and bounds[0][f] <= bounds[1][f]]
             if undefined:
                 lines += ["", f"No retention for {', '.join(undefined)}: the upper bound does not beat the lower "

@@ -159,3 +159,12 @@ def test_cli_eval_runs_a_training_free_method(make_model_dir, scenes_dir, tmp_pa
 
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["method"] == "fastv" and "scenes_open" in m["scores"]
+
+
+def test_new_method_modules_are_initialised_when_loaded_from_the_upper_bound(upper_dir):
+    for _ in range(3):  # uninitialised memory would show as NaN, huge or all-zero values
+        m = HTCForConditionalGeneration.from_pretrained(upper_dir, compression="qformer")
+        for name, p in m.model.visual_pooler.named_parameters():
+            assert torch.isfinite(p).all() and p.abs().max() < 10, name
+        assert 0.01 < float(m.model.visual_pooler.queries.detach().std()) < 0.04, m.model.visual_pooler.queries
+        assert float(m.model.visual_pooler.cross_attention.in_proj_weight.detach().std()) > 0

@@ -40,3 +40,31 @@ def test_a_failing_stage_is_reported_and_resumed(tmp_path, capsys, monkeypatch):
     assert "failed: RuntimeError: disk on fire" in (out / "report.md").read_text()
     assert main(["reproduce", "--quick", "--out", str(out)]) == 0
     assert json.loads((out / "run.json").read_text())["stages"]["boom"]["status"] == "done" and len(calls) == 2
+
+
+def test_report_tables_retention_and_per_template(tmp_path):
+    from htc_vlm.report import render
+
+    (tmp_path / "scenes" / "test").mkdir(parents=True)
+    scenes = [{"image": "a.png", "objects": [{}]}, {"image": "b.png", "objects": [{}, {}]}]
+    qs = [{"question_id": "1", "image": "a.png", "template": "open/color", "answer": "red"},
+          {"question_id": "2", "image": "b.png", "template": "open/color", "answer": "blue"},
+          {"question_id": "3", "image": "b.png", "template": "open/count", "answer": "2"}]
+    (tmp_path / "scenes/test/scenes.jsonl").write_text("\n".join(map(json.dumps, scenes)))
+    (tmp_path / "scenes/test/open.jsonl").write_text("\n".join(map(json.dumps, qs)))
+    preds = tmp_path / "eval/upper/open"
+    preds.mkdir(parents=True)
+    preds.joinpath("predictions.jsonl").write_text("\n".join(json.dumps({"question_id": q, "prediction": p})
+                                                             for q, p in (("1", "red"), ("2", "red"), ("3", "2"))))
+
+    def ev(open_, pope):
+        return {"status": "done", "scores": {"open": open_, "pope_random": pope}, "open_by_tag": {}, "command": "c"}
+
+    record = {"preset": {"name": "t", "budgets": [1], "table2_families": ["open"]},
+              "stages": {"eval/upper": ev(80.0, 60.0), "eval/lower": ev(20.0, 70.0), "eval/voco-b1": ev(50.0, 65.0)}}
+    text, results = render(tmp_path, record)
+    assert results["table1"]["voco-b1"]["retention"] == {"open": 50.0}  # (50-20)/(80-20); pope: upper < lower
+    assert "| VoCo-LLaMA | 50.0 (50%) | 65.0 |" in text and "No retention for pope_random" in text
+    assert results["open_by_template"]["upper bound (all 9 patch tokens)"] == {"color": 50.0, "count": 100.0}
+    assert results["open_by_template"]["upper bound, one-object scenes only"] == {"color": 100.0}
+    assert "| eval/voco-b1 | done |" in text

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, DynamicCache, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .anchors import AnchorProjector, DiscreteTokenProjector
@@ -33,7 +34,7 @@ from .configuration import HTCConfig
 from .errors import HTCError
 from .layout import IMAGE, PAD, VOCO, image_prompt_ids, positions, token_kinds
 from .masking import attention_mask_4d
-from .pooling import build_pooler
+from .pooling import QFormerPooler, build_pooler
 from .vision import Projector, patch_features
 
 AutoConfig.register(HTCConfig.model_type, HTCConfig, exist_ok=True)
@@ -47,6 +48,13 @@ class HTCPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True  # custom 4D masks: sdpa and eager only
     _skip_keys_device_placement = ["past_key_values"]
+
+    def _init_weights(self, module):
+        """transformers' defaults, plus our one bare parameter: parameters a checkpoint lacks (a new
+        method's modules loaded from the upper bound) are initialised here, not left as raw memory."""
+        super()._init_weights(module)
+        if isinstance(module, QFormerPooler):
+            init.normal_(module.queries, mean=0.0, std=0.02)
 
 
 class HTCModel(HTCPreTrainedModel):

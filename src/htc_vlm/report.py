@@ -90,6 +90,19 @@ def render(out: Path, record: dict) -> tuple[str, dict]:
             lines += ["", "![retention per method](retention.png)"]
         lines.append("")
 
+    per_t = {label: _by_template(out, key) for key, label in TABLE1 if _done(record, f"eval/{key}")}
+    if _done(record, "eval/upper"):
+        per_t["upper bound, one-object scenes only"] = _by_template(out, "upper", one_object=True)
+    per_t = {k: v for k, v in per_t.items() if v}
+    if per_t:
+        temps = sorted({t for v in per_t.values() for t in v})
+        lines += ["### Open questions per template (accuracy %)", "",
+                  "| method | " + " | ".join(temps) + " |", "|---|" + "---|" * len(temps)]
+        for label, v in per_t.items():
+            lines.append(f"| {label} | " + " | ".join(f"{v[t]:.1f}" if t in v else "" for t in temps) + " |")
+        results["open_by_template"] = per_t
+        lines.append("")
+
     seeds = _seed_rows(record, row_data)
     if seeds:
         lines += ["## HTC vs VoCo over seeds (budget 1)", "",
@@ -164,6 +177,26 @@ def render(out: Path, record: dict) -> tuple[str, dict]:
     total = sum(s.get("seconds", 0) for s in record["stages"].values())
     lines += ["", f"Total stage time: {total / 60:.1f} min."]
     return "\n".join(lines) + "\n", results
+
+
+def _by_template(out: Path, key: str, one_object: bool = False) -> dict:
+    """Open-question accuracy per question template, from the stage's predictions file (optionally on
+    the test scenes holding a single object only)."""
+    import json
+
+    from .evaluation.scorers import vqa
+
+    preds_path = out / "eval" / key / "open" / "predictions.jsonl"
+    qfile, sfile = out / "scenes" / "test" / "open.jsonl", out / "scenes" / "test" / "scenes.jsonl"
+    if not preds_path.exists() or not qfile.exists() or not sfile.exists():
+        return {}
+    n_obj = {s["image"]: len(s["objects"]) for s in map(json.loads, sfile.read_text().splitlines())}
+    preds = {r["question_id"]: r["prediction"] for r in map(json.loads, preds_path.read_text().splitlines())}
+    acc: dict[str, list[float]] = {}
+    for q in map(json.loads, qfile.read_text().splitlines()):
+        if q["question_id"] in preds and (not one_object or n_obj.get(q["image"]) == 1):
+            acc.setdefault(q["template"].split("/")[1], []).append(vqa.accuracy(preds[q["question_id"]], [q["answer"]]))
+    return {t: round(100 * sum(v) / len(v), 1) for t, v in sorted(acc.items())}
 
 
 def _seed_rows(record, row_data) -> dict:

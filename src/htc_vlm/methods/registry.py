@@ -89,6 +89,16 @@ def trained_loader(compression: str, budget_key: str) -> Callable:
     return load
 
 
+def trained_method(name: str, budget_key: str, tables: tuple[str, ...], paper: str, summary: str) -> Method:
+    """Register a method trained by the compress stage as ``model.compression=<name>``, its token
+    count set by ``model.<budget_key>`` (``num_voco`` or ``pool_tokens``)."""
+    return register(Method(
+        name=name, kind="trained", tables=tables, paper=paper, summary=summary,
+        load=trained_loader(name, budget_key),
+        train_overrides=lambda budget: [f"model.compression={name}", f"model.{budget_key}={budget}"],
+    ))
+
+
 def upper_bound(path: Path):
     """The uncompressed model at ``path`` (what the training-free methods and the lower bound start from)."""
     model = load_checkpoint(path)

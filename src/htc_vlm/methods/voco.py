@@ -1,12 +1,10 @@
 """VoCo-LLaMA: the patch tokens are compressed into ``num_voco`` voco tokens by the language model
 itself under the voco attention mask; only the voco keys/values are kept (continuous channel only)."""
 
-from .registry import Method, register, trained_loader
+from .registry import trained_method
 
-METHOD = register(Method(
-    name="voco", kind="trained", tables=("1", "2"),
+METHOD = trained_method(
+    "voco", "num_voco", tables=("1", "2"),
     paper="Ye et al. 2025, VoCo-LLaMA: Towards Vision Compression with Large Language Models",
     summary="patches -> voco under the disentanglement mask",
-    load=trained_loader("voco", "num_voco"),
-    train_overrides=lambda budget: ["model.compression=voco", f"model.num_voco={budget}"],
-))
+)

@@ -54,10 +54,10 @@ def test_training_free_full_budget_equals_upper_bound_and_leaves_weights(upper_d
     before = HTCForConditionalGeneration.from_pretrained(upper_dir).state_dict()
     n = tiny_config().num_patches
     full = load_for_method(upper_dir, name, budget=n)
-    got = full.next_token_logits(pix, PREFIX, QUESTIONS, pad=0)
+    got = full.next_token_logits(pix, PREFIX, QUESTIONS)
     torch.testing.assert_close(got, upper_logits(upper_dir, pix), atol=2e-5, rtol=1e-4)
     pruned = load_for_method(upper_dir, name, budget=3)
-    assert not torch.allclose(pruned.next_token_logits(pix, PREFIX, QUESTIONS, pad=0), got, atol=1e-4)
+    assert not torch.allclose(pruned.next_token_logits(pix, PREFIX, QUESTIONS), got, atol=1e-4)
     after = pruned.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
@@ -67,7 +67,7 @@ def test_training_free_full_budget_equals_upper_bound_and_leaves_weights(upper_d
 def test_layer_pruning_keeps_the_budget(upper_dir, name, budget):
     m = load_for_method(upper_dir, name, budget=budget)
     pix, _ = images(tiny_config(), b=2)
-    m.next_token_logits(pix, PREFIX, QUESTIONS, pad=0)
+    m.next_token_logits(pix, PREFIX, QUESTIONS)
     n = tiny_config().num_patches
     assert m.kept_counts[0] == n  # the first layer sees everything
     assert m.kept_counts[-1] == budget

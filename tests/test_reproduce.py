@@ -54,8 +54,8 @@ def test_report_tables_retention_and_per_template(tmp_path):
     (tmp_path / "scenes/test/open.jsonl").write_text("\n".join(map(json.dumps, qs)))
     preds = tmp_path / "eval/upper/open"
     preds.mkdir(parents=True)
-    preds.joinpath("predictions.jsonl").write_text("\n".join(json.dumps({"question_id": q, "prediction": p})
-                                                             for q, p in (("1", "red"), ("2", "red"), ("3", "2"))))
+    preds.joinpath("predictions.jsonl").write_text("\n".join(json.dumps({"benchmark": "scenes_open", "question_id": q, "prediction": p})
+                                                             for q, p in (("1", "red"), ("2", "red"), ("3", "2"))) + "\n")
 
     def ev(open_, pope):
         return {"status": "done", "scores": {"open": open_, "pope_random": pope}, "open_by_tag": {}, "command": "c"}

@@ -223,14 +223,12 @@ class HTCForConditionalGeneration(HTCPreTrainedModel, GenerationMixin):
 
     # ------------------------------------------------------------------ compress once, ask many
 
-    @torch.no_grad()
-    def compress(self, pixel_values: torch.Tensor | None, discrete_latents: torch.Tensor | None = None,
-                 prefix_ids: list[int] | None = None) -> VisualCache:
-        """Run ``[prefix] [image block] [voco]`` once; keep only what text may attend to.
-
-        Returns a :class:`VisualCache` with the prefix and voco positions of every layer (every
-        position when compression is off), shape (B, kv_heads, len(prefix) + num_voco, head_dim).
-        """
+    def image_prefill(self, pixel_values: torch.Tensor | None, discrete_latents: torch.Tensor | None = None,
+                      prefix_ids: list[int] | None = None, **lm_kwargs):
+        """Run the question-independent head ``[prefix] [image block] [voco]`` through the language
+        model under this config's mask: ``(kinds (B, T), language-model output)``. ``lm_kwargs`` go
+        to the language model (a cache, ``output_attentions``...). :meth:`compress` and the analyses
+        (probing, attention maps) share it."""
         ref = pixel_values if pixel_values is not None else discrete_latents
         if ref is None:
             raise HTCError("compress() needs pixel_values (and discrete_latents for htc / discrete)")
@@ -239,11 +237,23 @@ class HTCForConditionalGeneration(HTCPreTrainedModel, GenerationMixin):
         kinds = token_kinds(ids, None, self.config)
         embeds = self.model.embed(ids, kinds, pixel_values, discrete_latents)
         mask = attention_mask_4d(kinds, self.config.compresses, self.config.vision_attention, embeds.dtype)
-        t = ids.shape[1]
         out = self.model.language_model(inputs_embeds=embeds, attention_mask=mask,
-                                         position_ids=torch.arange(t, device=device).expand(b, -1),
-                                         past_key_values=DynamicCache(config=self.config.text_config), use_cache=True)
-        keep = (kinds[0] != IMAGE).nonzero().flatten() if self.config.compresses else torch.arange(t, device=device)
+                                         position_ids=torch.arange(ids.shape[1], device=device).expand(b, -1),
+                                         **lm_kwargs)
+        return kinds, out
+
+    @torch.no_grad()
+    def compress(self, pixel_values: torch.Tensor | None, discrete_latents: torch.Tensor | None = None,
+                 prefix_ids: list[int] | None = None) -> VisualCache:
+        """Run ``[prefix] [image block] [voco]`` once; keep only what text may attend to.
+
+        Returns a :class:`VisualCache` with the prefix and voco positions of every layer (every
+        position when compression is off), shape (B, kv_heads, len(prefix) + num_voco, head_dim).
+        """
+        kinds, out = self.image_prefill(pixel_values, discrete_latents, prefix_ids,
+                                        past_key_values=DynamicCache(config=self.config.text_config), use_cache=True)
+        t = kinds.shape[1]
+        keep = (kinds[0] != IMAGE).nonzero().flatten() if self.config.compresses else torch.arange(t, device=kinds.device)
         layers = out.past_key_values.layers
         return VisualCache(
             keys=[layer.keys.index_select(-2, keep) for layer in layers],

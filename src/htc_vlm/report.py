@@ -182,21 +182,17 @@ def render(out: Path, record: dict) -> tuple[str, dict]:
 def _by_template(out: Path, key: str, one_object: bool = False) -> dict:
     """Open-question accuracy per question template, from the stage's predictions file (optionally on
     the test scenes holding a single object only)."""
-    import json
-
-    from .evaluation.scorers import vqa
+    from .data.scenes import read_jsonl
+    from .evaluation.runner import accuracy_by
 
     preds_path = out / "eval" / key / "open" / "predictions.jsonl"
     qfile, sfile = out / "scenes" / "test" / "open.jsonl", out / "scenes" / "test" / "scenes.jsonl"
     if not preds_path.exists() or not qfile.exists() or not sfile.exists():
         return {}
-    n_obj = {s["image"]: len(s["objects"]) for s in map(json.loads, sfile.read_text().splitlines())}
-    preds = {r["question_id"]: r["prediction"] for r in map(json.loads, preds_path.read_text().splitlines())}
-    acc: dict[str, list[float]] = {}
-    for q in map(json.loads, qfile.read_text().splitlines()):
-        if q["question_id"] in preds and (not one_object or n_obj.get(q["image"]) == 1):
-            acc.setdefault(q["template"].split("/")[1], []).append(vqa.accuracy(preds[q["question_id"]], [q["answer"]]))
-    return {t: round(100 * sum(v) / len(v), 1) for t, v in sorted(acc.items())}
+    n_obj = {s["image"]: len(s["objects"]) for s in read_jsonl(sfile)}
+    acc = accuracy_by(preds_path, read_jsonl(qfile), lambda q: q["template"].split("/")[1]
+                      if not one_object or n_obj.get(q["image"]) == 1 else None)
+    return {t: round(v, 1) for t, v in acc.items()}
 
 
 def _seed_rows(record, row_data) -> dict:

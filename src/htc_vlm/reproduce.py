@@ -205,18 +205,32 @@ def _train_experiment(e: Experiment) -> Callable:
 # ---------------------------------------------------------------------- evaluation
 
 
+def _load(root: Path, model_dir: Path, method: str = "model", budget: int | None = None):
+    """A run's model under ``method`` and the feature store its compression needs (else None)."""
+    from .methods import load_for_method
+    from .vq.store import FeatureStore
+
+    model = load_for_method(model_dir, method, budget)
+    needs_q = model.config.compression in ("htc", "discrete")
+    return model, FeatureStore(root / "features.safetensors", expected_dim=model.config.discrete_dim) if needs_q else None
+
+
+def _analysis_input(root: Path, key: str):
+    """A trained run's model and an image encoder over the run's scenes (probing, attention)."""
+    from .inference import ImageEncoder
+
+    model, store = _load(root, root / "runs" / key / "model")
+    return model, ImageEncoder(model, store, root=root / "scenes" / "images")
+
+
 def _evaluate(root: Path, key: str, model_dir: Path, method: str, budget: int | None, families) -> dict:
     from transformers import AutoTokenizer
 
     from .data.scenes import read_jsonl
-    from .evaluation.runner import run_eval
-    from .evaluation.scorers import vqa
-    from .methods import load_for_method
-    from .vq.store import FeatureStore
+    from .evaluation.runner import accuracy_by, run_eval
 
-    model, tok = load_for_method(model_dir, method, budget), AutoTokenizer.from_pretrained(model_dir)
-    needs_q = model.config.compression in ("htc", "discrete")
-    store = FeatureStore(root / "features.safetensors", expected_dim=model.config.discrete_dim) if needs_q else None
+    model, store = _load(root, model_dir, method, budget)
+    tok = AutoTokenizer.from_pretrained(model_dir)
     scores, by_tag = {}, {}
     for family in families:
         bench = FAMILY_BENCHMARKS[family]
@@ -225,13 +239,9 @@ def _evaluate(root: Path, key: str, model_dir: Path, method: str, budget: int | 
                      method=method, features=store, model_name=str(model_dir))
         scores[family] = round(r["scores"][bench], 2)
         if family == "open":
-            preds = {json.loads(x)["question_id"]: json.loads(x)["prediction"]
-                     for x in (root / "eval" / key / family / "predictions.jsonl").read_text().splitlines()}
-            for tag in ("semantic", "detail"):
-                rows = [q for q in read_jsonl(qfile) if q["tag"] == tag]
-                by_tag[tag] = round(100 * sum(vqa.accuracy(preds[q["question_id"]], [q["answer"]]) for q in rows)
-                                    / len(rows), 2)
-    flags = f"--method {method}" + (f" --budget {budget}" if budget else "") + (" --features " + str(root / "features.safetensors") if needs_q else "")
+            acc = accuracy_by(root / "eval" / key / family / "predictions.jsonl", read_jsonl(qfile), lambda q: q["tag"])
+            by_tag = {tag: round(acc[tag], 2) for tag in ("semantic", "detail")}
+    flags = f"--method {method}" + (f" --budget {budget}" if budget else "") + (" --features " + str(root / "features.safetensors") if store else "")
     return {"outputs": str(root / "eval" / key), "model": str(model_dir), "scores": scores, "open_by_tag": by_tag,
             "command": f"htc-vlm eval --model {model_dir} {flags} --benchmark <family's benchmark> --questions "
                        f"{root / 'scenes/test'}/<family>.jsonl --images {root / 'scenes/images'} --out {root / 'eval' / key}/<family>"}
@@ -253,16 +263,10 @@ def _upper(root: Path) -> Path:
 
 def _stage_probing(root: Path, preset: RunPreset) -> dict:
     from .analysis.probing import probe_model
-    from .inference import ImageEncoder
-    from .methods import load_for_method
-    from .vq.store import FeatureStore
 
     result = {}
     for key in ("htc-b1", "voco-b1"):
-        model = load_for_method(root / "runs" / key / "model", "model")
-        store = FeatureStore(root / "features.safetensors", expected_dim=model.config.discrete_dim)
-        enc = ImageEncoder(model, store, root=root / "scenes" / "images")
-        result[key] = probe_model(model, enc, root / "scenes" / "train" / "scenes.jsonl",
+        result[key] = probe_model(*_analysis_input(root, key), root / "scenes" / "train" / "scenes.jsonl",
                                   root / "scenes" / "test" / "scenes.jsonl")
     atomic_write_bytes(root / "probing.json", (json.dumps(result, indent=1) + "\n").encode())
     return {"outputs": str(root / "probing.json"), "probes": result,
@@ -273,16 +277,12 @@ def _stage_probing(root: Path, preset: RunPreset) -> dict:
 def _stage_attention(root: Path, preset: RunPreset) -> dict:
     from .analysis.attention import plot_heatmaps, voco_attention
     from .data.scenes import read_jsonl
-    from .inference import ImageEncoder
-    from .methods import load_for_method
-    from .vq.store import FeatureStore
 
     images = [s["image"] for s in read_jsonl(root / "scenes" / "test" / "scenes.jsonl")[:16]]
     maps, raw = {}, {}
     for key, title in (("htc-b1", "HTC: voco over anchors + patches"), ("voco-b1", "VoCo: voco over patches")):
-        model = load_for_method(root / "runs" / key / "model", "model")
-        store = FeatureStore(root / "features.safetensors", expected_dim=model.config.discrete_dim)
-        att = voco_attention(model, ImageEncoder(model, store, root=root / "scenes" / "images"), images)
+        model, encoder = _analysis_input(root, key)
+        att = voco_attention(model, encoder, images)
         c = model.config
         n_a = c.num_anchors if c.compression == "htc" else 0
         labels = [f"a{i + 1}" for i in range(n_a)] + [f"p{i + 1}" for i in range(c.num_patches)]

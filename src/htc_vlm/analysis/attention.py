@@ -10,24 +10,16 @@ from __future__ import annotations
 import torch
 
 from ..inference import ImageEncoder
-from ..layout import IMAGE, image_prompt_ids, token_kinds
-from ..masking import attention_mask_4d
+from ..layout import IMAGE
 
 
 @torch.no_grad()
 def voco_attention(model, encoder: ImageEncoder, images: list[str]) -> torch.Tensor:
     """(M, N_img): the voco query's attention over the image block (anchors first for HTC)."""
-    c = model.config
     model.set_attn_implementation("eager")  # eager attention returns its probabilities
-    ids = torch.tensor(image_prompt_ids(c)).expand(len(images), -1)
-    kinds = token_kinds(ids, None, c)
-    pix, q = encoder.batch(images)
-    embeds = model.model.embed(ids, kinds, pix, q)
-    out = model.model.language_model(inputs_embeds=embeds, output_attentions=True,
-                                     attention_mask=attention_mask_4d(kinds, c.compresses, c.vision_attention, embeds.dtype),
-                                     position_ids=torch.arange(ids.shape[1]).expand(len(images), -1))
+    kinds, out = model.image_prefill(*encoder.batch(images), output_attentions=True)
     att = torch.stack(out.attentions).float().mean(dim=(0, 2))  # (M, T, T): mean over layers and heads
-    voco = ids.shape[1] - c.num_voco
+    voco = kinds.shape[1] - model.config.num_voco
     cols = (kinds[0] == IMAGE).nonzero().flatten()
     return att[:, voco, cols]
 

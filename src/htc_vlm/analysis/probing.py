@@ -44,32 +44,15 @@ def representations(model, encoder: ImageEncoder, images: list[str], batch: int 
     out: dict[str, list[torch.Tensor]] = {"z_voco": [], "patches_mean": []}
     if c.compression == "htc":
         out["anchors_mean"] = []
-    ids_row = image_prompt_ids(c)
-    voco_pos = len(ids_row) - c.num_voco  # first voco position
+    voco_pos = len(image_prompt_ids(c)) - c.num_voco  # first voco position
     for s in range(0, len(images), batch):
         pix, q = encoder.batch(images[s:s + batch])
-        ids = torch.tensor(ids_row).expand(pix.shape[0], -1)
-        h = model.model.language_model(inputs_embeds=_embeds(model, ids, pix, q), attention_mask=_mask(model, ids),
-                                        position_ids=torch.arange(ids.shape[1]).expand(pix.shape[0], -1)).last_hidden_state
-        out["z_voco"].append(h[:, voco_pos])
+        _, lm_out = model.image_prefill(pix, q)
+        out["z_voco"].append(lm_out.last_hidden_state[:, voco_pos])
         out["patches_mean"].append(model.model.patch_embeddings(pix).mean(1))
         if "anchors_mean" in out:
             out["anchors_mean"].append(model.model.discrete_anchors(q).mean(1))
     return {k: torch.cat(v).float() for k, v in out.items()}
-
-
-def _embeds(model, ids, pix, q):
-    from ..layout import token_kinds
-
-    return model.model.embed(ids, token_kinds(ids, None, model.config), pix, q)
-
-
-def _mask(model, ids):
-    from ..layout import token_kinds
-    from ..masking import attention_mask_4d
-
-    c = model.config
-    return attention_mask_4d(token_kinds(ids, None, c), c.compresses, c.vision_attention, torch.float32)
 
 
 def fit_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,

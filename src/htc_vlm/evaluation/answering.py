@@ -59,7 +59,7 @@ def _answer_question_aware(model, tokenizer, questions, source, prompt, builder,
         chunk = questions[b:b + batch_size]
         pix, _ = source.batch([q["image"] for q in chunk])
         outs = model.generate_answers(pix, builder.prefix_ids(), [builder.question_ids(prompt(q)) for q in chunk],
-                                      max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
+                                      max_new_tokens, tokenizer.eos_token_id)
         for q, ids in zip(chunk, outs):
             yield {"question_id": q["question_id"], "prediction": tokenizer.decode(ids, skip_special_tokens=True).strip()}
         if progress:

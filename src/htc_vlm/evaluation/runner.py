@@ -66,6 +66,20 @@ def _read_predictions(path: Path, benchmark: str) -> dict[str, str]:
     return done
 
 
+def accuracy_by(predictions: str | Path, questions: list[dict], group, benchmark: str = "scenes_open") -> dict[str, float]:
+    """VQA accuracy (%) of the answered questions per ``group(question)`` (``None`` leaves one out),
+    from a ``predictions.jsonl`` of :func:`run_eval`."""
+    from .scorers import vqa
+
+    preds = _read_predictions(Path(predictions), benchmark)
+    acc: dict[str, list[float]] = {}
+    for q in questions:
+        g, qid = group(q), str(q["question_id"])
+        if g is not None and qid in preds:
+            acc.setdefault(g, []).append(vqa.accuracy(preds[qid], [q["answer"]]))
+    return {g: 100 * sum(v) / len(v) for g, v in sorted(acc.items())}
+
+
 def prompt_for(row: dict, suffix: str) -> str:
     text = mc_prompt(row["question"], row["options"]) if "question" in row and "options" in row else row["text"]
     return f"{text} {suffix}".strip() if suffix else text
@@ -84,7 +98,7 @@ def answer_by_likelihood(model, tokenizer, rows: list[dict], source: ImageEncode
         pix, q = source.batch([r["image"] for r in chunk])
         rows_ids = [builder.question_ids(prompt(r)) for r in chunk]
         if getattr(model, "question_aware", False):
-            logits = model.next_token_logits(pix, builder.prefix_ids(), rows_ids, tokenizer.pad_token_id)
+            logits = model.next_token_logits(pix, builder.prefix_ids(), rows_ids)
         else:
             cache = model.compress(pix, q, prefix_ids=builder.prefix_ids())
             ids, mask = left_pad(rows_ids, tokenizer.pad_token_id)

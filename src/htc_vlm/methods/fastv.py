@@ -4,7 +4,7 @@ the prompt's last token attended to most in layer K-1 (mean over heads) and drop
 later layers. Paper default K = 2 of 32 layers; here ``layer`` (default 2, scaled to the model's
 depth) is configurable as ``--option layer=K``."""
 
-from .layerwise import QuestionAwareVLM, attention_to_visual, keep_top, scaled_layers
+from .layerwise import QuestionAwareVLM, keep_top, last_token_scores, scaled_layers
 from .registry import Method, register, upper_bound
 
 
@@ -16,9 +16,7 @@ class FastV(QuestionAwareVLM):
         self.score_layers = (k - 1,)  # attention of layer K-1 decides what layers >= K see
 
     def select(self, layer, attn, kept, visual, text, query):
-        last = kept.new_zeros(kept.shape)
-        last[:, query] = True
-        return keep_top(attention_to_visual(attn, last, visual), kept, self.budget)
+        return keep_top(last_token_scores(attn, query, visual), kept, self.budget)
 
 
 METHOD = register(Method(

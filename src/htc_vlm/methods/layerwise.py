@@ -50,6 +50,11 @@ class QuestionAwareVLM:
     def eval(self):
         return self
 
+    def prune_at(self, layers: tuple[int, ...]) -> None:
+        """Read attention at ``layers`` and fall geometrically to ``budget`` kept tokens over them."""
+        self.score_layers = layers
+        self.counts = dict(zip(layers, schedule(self.config.num_patches, self.budget, len(layers))))
+
     # ------------------------------------------------------------------ overridable parts
 
     def visual_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -64,11 +69,11 @@ class QuestionAwareVLM:
 
     # ------------------------------------------------------------------ the engine
 
-    def _run(self, embeds: torch.Tensor, pad_mask: torch.Tensor, visual: torch.Tensor, text: torch.Tensor,
-             query: int) -> torch.Tensor:
+    def _run(self, embeds: torch.Tensor, pad_mask: torch.Tensor, visual: torch.Tensor, query: int) -> torch.Tensor:
         """Logits (B, T, V) with visual tokens dropped per :meth:`select`."""
         lm = self.model.model.language_model
         b, t, _ = embeds.shape
+        text = pad_mask.bool() & ~visual
         pos = positions(pad_mask)
         pe = lm.rotary_emb(embeds, pos)
         idx = torch.arange(t, device=embeds.device)
@@ -92,8 +97,8 @@ class QuestionAwareVLM:
         self.kept_counts = counts
         return self.model.lm_head(lm.norm(h))
 
-    def _layout(self, pixel_values, prefix_ids: list[int], rows: list[list[int]], pad: int):
-        """Left-padded ``[prefix][visual][question]`` rows: embeds, pad mask, visual / text masks."""
+    def _layout(self, pixel_values, prefix_ids: list[int], rows: list[list[int]]):
+        """Left-padded ``[prefix][visual][question]`` rows: embeds, pad mask, visual mask."""
         vis = self.visual_tokens(pixel_values)  # (B, K, D)
         emb = self.model.get_input_embeddings()
         k, p = vis.shape[1], len(prefix_ids)
@@ -110,27 +115,25 @@ class QuestionAwareVLM:
             embeds[r, s + p + k:] = text_emb[p:]
             pad_mask[r, s:] = 1
             visual[r, s + p:s + p + k] = True
-        text = pad_mask.bool() & ~visual
-        return embeds, pad_mask, visual, text
+        return embeds, pad_mask, visual
 
     @torch.no_grad()
-    def next_token_logits(self, pixel_values: torch.Tensor, prefix_ids: list[int], rows: list[list[int]],
-                          pad: int) -> torch.Tensor:
+    def next_token_logits(self, pixel_values: torch.Tensor, prefix_ids: list[int], rows: list[list[int]]) -> torch.Tensor:
         """(B, V): the logits after each question (multiple-choice scoring)."""
-        embeds, pad_mask, visual, text = self._layout(pixel_values, prefix_ids, rows, pad)
-        return self._run(embeds, pad_mask, visual, text, embeds.shape[1] - 1)[:, -1]
+        embeds, pad_mask, visual = self._layout(pixel_values, prefix_ids, rows)
+        return self._run(embeds, pad_mask, visual, embeds.shape[1] - 1)[:, -1]
 
     @torch.no_grad()
     def generate_answers(self, pixel_values: torch.Tensor, prefix_ids: list[int], rows: list[list[int]],
-                         max_new_tokens: int, eos_token_id: int, pad_token_id: int) -> list[list[int]]:
+                         max_new_tokens: int, eos_token_id: int) -> list[list[int]]:
         """Greedy answers, one per row (each row's image in ``pixel_values``), without the prompt."""
-        embeds, pad_mask, visual, text = self._layout(pixel_values, prefix_ids, rows, pad_token_id)
+        embeds, pad_mask, visual = self._layout(pixel_values, prefix_ids, rows)
         query = embeds.shape[1] - 1  # the selection reads the prompt's last token, fixed while decoding
         emb = self.model.get_input_embeddings()
         out = [[] for _ in rows]
         done = torch.zeros(len(rows), dtype=torch.bool)
         for _ in range(max_new_tokens):
-            nxt = self._run(embeds, pad_mask, visual, text, query)[:, -1].argmax(-1)  # (B,)
+            nxt = self._run(embeds, pad_mask, visual, query)[:, -1].argmax(-1)  # (B,)
             for r, tok in enumerate(nxt.tolist()):
                 if not done[r]:
                     out[r].append(tok)
@@ -140,18 +143,24 @@ class QuestionAwareVLM:
             embeds = torch.cat([embeds, emb(nxt)[:, None]], dim=1)
             pad_mask = torch.cat([pad_mask, pad_mask.new_ones(len(rows), 1)], dim=1)
             visual = torch.cat([visual, visual.new_zeros(len(rows), 1)], dim=1)
-            text = torch.cat([text, text.new_ones(len(rows), 1)], dim=1)
         return [[x for x in o if x != eos_token_id] for o in out]
 
 
 def attention_to_visual(attn: torch.Tensor, queries: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
-    """Mean attention (over heads and the given query rows) each token receives: (B, T), 0 off-visual.
+    """Mean attention (over heads and the given query rows) each token receives: (B, T), -inf off-visual.
 
     attn (B, H, T, T) probabilities; queries (B, T) bool, the rows to average."""
     a = attn.float().mean(1)  # (B, T, T)
     w = queries.float()
     score = (a * w[:, :, None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1)  # (B, T)
     return score.masked_fill(~visual, float("-inf"))
+
+
+def last_token_scores(attn: torch.Tensor, query: int, visual: torch.Tensor) -> torch.Tensor:
+    """:func:`attention_to_visual` from the prompt's last token alone (FastV, PDrop): (B, T)."""
+    last = torch.zeros_like(visual)
+    last[:, query] = True
+    return attention_to_visual(attn, last, visual)
 
 
 def keep_top(score: torch.Tensor, kept: torch.Tensor, n: int) -> torch.Tensor:

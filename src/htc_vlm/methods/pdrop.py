@@ -5,7 +5,7 @@ token and a fixed share is kept. The paper keeps lambda = 0.5 per stage; to meet
 fall geometrically so that the last stage keeps exactly ``budget`` tokens. Options: ``layers``
 (given for 32 layers, scaled to the model) as ``--option layers=8,16,24``."""
 
-from .layerwise import QuestionAwareVLM, attention_to_visual, keep_top, scaled_layers, schedule
+from .layerwise import QuestionAwareVLM, keep_top, last_token_scores, scaled_layers
 from .registry import Method, register, upper_bound
 
 
@@ -13,13 +13,10 @@ class PDrop(QuestionAwareVLM):
     def __init__(self, model, budget, layers: tuple[int, ...] = (8, 16, 24)):
         super().__init__(model, budget)
         n = model.config.text_config.num_hidden_layers
-        self.score_layers = tuple(max(0, x - 1) for x in scaled_layers(layers, n))
-        self.counts = dict(zip(self.score_layers, schedule(model.config.num_patches, self.budget, len(self.score_layers))))
+        self.prune_at(tuple(max(0, x - 1) for x in scaled_layers(layers, n)))
 
     def select(self, layer, attn, kept, visual, text, query):
-        last = kept.new_zeros(kept.shape)
-        last[:, query] = True
-        return keep_top(attention_to_visual(attn, last, visual), kept, self.counts[layer])
+        return keep_top(last_token_scores(attn, query, visual), kept, self.counts[layer])
 
 
 METHOD = register(Method(

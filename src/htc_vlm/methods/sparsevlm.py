@@ -11,7 +11,7 @@ Options: ``layers`` (for 32 layers, scaled) as ``--option layers=2,6,15``."""
 
 import torch
 
-from .layerwise import QuestionAwareVLM, keep_top, scaled_layers, schedule
+from .layerwise import QuestionAwareVLM, attention_to_visual, keep_top, scaled_layers
 from .registry import Method, register, upper_bound
 
 
@@ -19,8 +19,7 @@ class SparseVLM(QuestionAwareVLM):
     def __init__(self, model, budget, layers: tuple[int, ...] = (2, 6, 15)):
         super().__init__(model, budget)
         n = model.config.text_config.num_hidden_layers
-        self.score_layers = scaled_layers(layers, n)
-        self.counts = dict(zip(self.score_layers, schedule(model.config.num_patches, self.budget, len(self.score_layers))))
+        self.prune_at(scaled_layers(layers, n))
 
     def select(self, layer, attn, kept, visual, text, query):
         a = attn.float().mean(1)  # (B, T, T) mean over heads
@@ -31,9 +30,7 @@ class SparseVLM(QuestionAwareVLM):
         rel = relevance.masked_fill(~after, float("nan"))
         raters = after & (relevance >= torch.nanmean(rel, dim=1, keepdim=True))
         raters = torch.where(raters.any(1, keepdim=True), raters, after)
-        w = raters.float()
-        score = (a * w[:, :, None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1)  # (B, T)
-        return keep_top(score.masked_fill(~visual, float("-inf")), kept, self.counts[layer])
+        return keep_top(attention_to_visual(attn, raters, visual), kept, self.counts[layer])
 
 
 METHOD = register(Method(

@@ -67,6 +67,25 @@ def test_two_voco_tokens_and_multi_turn_text():
     assert torch.equal(allowed_attention(kinds, True, "causal")[0], expected)
 
 
+def test_packed_records_see_the_head_and_themselves_only():
+    # [p] [v v] [z] [a1 a2] [b1 b2]: records a and b (segments 1, 2) share the head (segment 0)
+    kinds = torch.tensor([[TEXT, IMAGE, IMAGE, VOCO, TEXT, TEXT, TEXT, TEXT]], dtype=torch.int8)
+    segments = torch.tensor([[0, 0, 0, 0, 1, 1, 2, 2]])
+    expected = _m([
+        "x . . . . . . .",
+        "x x . . . . . .",
+        "x x x . . . . .",
+        "x x x x . . . .",
+        "x . . x x . . .",
+        "x . . x x x . .",
+        "x . . x . . x .",
+        "x . . x . . x x",
+    ])
+    assert torch.equal(allowed_attention(kinds, True, "causal", segments)[0], expected)
+    uncompressed = allowed_attention(kinds, False, "causal", segments)[0]
+    assert uncompressed[6, :4].all() and not uncompressed[6, 4:6].any()  # b sees the whole head, not a
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_additive_float_mask_every_row_has_a_key(dtype):
     m = attention_mask_4d(KINDS.repeat(2, 1), True, "isolated", dtype)

@@ -216,3 +216,79 @@ def test_multi_turn_llava_records_get_labels_on_answers_only(scenes_dir):
     supervised = [t for t, lab in zip(ids, labels) if lab != -100]
     assert tok.decode(supervised) == "red </s> 3 </s>"
     assert "USER : How many objects are there ? ASSISTANT :" in text
+
+
+@pytest.mark.parametrize("compression", ["none", "voco", "htc"])
+def test_packed_records_compute_exactly_as_alone(scenes_dir, compression):
+    """pack_by_image: every record of a packed item gets the logits it gets alone, and the image runs once."""
+    from transformers import AutoTokenizer
+
+    from htc_vlm.data.llava import Collator, LlavaDataset
+    from htc_vlm.vq.store import FeatureStore
+
+    tok = AutoTokenizer.from_pretrained(scenes_dir / "tokenizer")
+    torch.manual_seed(0)
+    model = HTCForConditionalGeneration(build_config("tiny", tok, compression=compression)).eval()
+    features = None
+    if compression == "htc":
+        from safetensors.torch import save_file
+        recs = json.loads((scenes_dir / "train" / "conversations.json").read_text())
+        path = scenes_dir.parent / "packing-features.safetensors"
+        save_file({r["image"]: torch.randn(model.config.discrete_dim) for r in recs}, str(path))
+        features = FeatureStore(path, expected_dim=model.config.discrete_dim)
+    args = (scenes_dir / "train" / "conversations.json", scenes_dir / "images", tok, model.config, "plain", features)
+    alone, packed = LlavaDataset(*args), LlavaDataset(*args, pack_by_image=True)
+    images = {r["image"] for r in alone.records}
+    assert len(packed) == len(images) < len(alone)
+    assert sorted(r for item in packed.items for r in item) == list(range(len(alone)))
+    assert len(packed.lengths()) == len(packed)
+    collate = Collator(tok.pad_token_id)
+    item = max(range(len(packed)), key=lambda i: len(packed.items[i]))
+    records = packed.items[item]
+    assert len(records) >= 3
+    batch = collate([packed[item], packed[(item + 1) % len(packed)]])  # left padding in the batch too
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
+        segs, labels = batch["segment_ids"][0], batch["labels"][0]
+        for seg, r in enumerate(records, start=1):
+            single = collate([alone[r]])
+            ref = model(**{k: v for k, v in single.items() if k != "labels"}).logits[0]
+            n = int((single["labels"][0] != -100).sum()) + 1  # the answer, its eos and the question's last token
+            pos = (segs == seg).nonzero().flatten()
+            torch.testing.assert_close(logits[pos][-n:], ref[-n:], atol=2e-5, rtol=1e-4)
+            assert torch.equal(labels[pos], single["labels"][0][-len(pos):])
+    # one record never sees another: changing record 1 leaves record 2's logits untouched
+    changed = dict(batch, input_ids=batch["input_ids"].clone())
+    first = (segs == 1).nonzero().flatten()
+    changed["input_ids"][0, first[:-1]] = tok.convert_tokens_to_ids("red")
+    with torch.no_grad():
+        other = model(**{k: v for k, v in changed.items() if k != "labels"}).logits[0]
+    second = (segs == 2).nonzero().flatten()
+    torch.testing.assert_close(other[second], logits[second], atol=1e-6, rtol=0)
+    assert not torch.allclose(other[first], logits[first])
+
+
+def test_group_by_length_batches_similar_lengths_without_loading_images(scenes_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from htc_vlm.data.llava import Collator, LlavaDataset
+    from htc_vlm.training.config import TrainConfig
+    from htc_vlm.training.run import HTCTrainer, training_arguments
+
+    tok = AutoTokenizer.from_pretrained(scenes_dir / "tokenizer")
+    config = build_config("tiny", tok)
+    data = LlavaDataset(scenes_dir / "train" / "conversations.json", scenes_dir / "images", tok, config)
+    words = data.lengths()
+    exact = [len(data[i]["input_ids"]) for i in range(len(data))]
+    assert torch.corrcoef(torch.tensor([words, exact], dtype=torch.float))[0, 1] > 0.9  # a fair proxy
+
+    def padded_tokens(group: bool) -> int:
+        cfg = TrainConfig(output_dir=str(tmp_path / str(group)))
+        cfg.optim.per_device_train_batch_size, cfg.optim.group_by_length = 8, group
+        trainer = HTCTrainer(model=HTCForConditionalGeneration(config), args=training_arguments(cfg),
+                             train_dataset=data, data_collator=Collator(tok.pad_token_id))
+        if group:  # lengths from the dataset's word counts: the sampler never loads a sample
+            assert trainer._get_train_sampler().lengths == words
+        return sum(b["input_ids"].numel() for b in trainer.get_train_dataloader())
+
+    assert padded_tokens(True) < 0.9 * padded_tokens(False)

@@ -30,8 +30,12 @@ import torch
 from .layout import IMAGE, PAD, TEXT
 
 
-def allowed_attention(kinds: torch.Tensor, compress: bool, vision_attention: str = "causal") -> torch.Tensor:
-    """Which key each query may attend to, from the token kinds (B, T): bool (B, T, T)."""
+def allowed_attention(kinds: torch.Tensor, compress: bool, vision_attention: str = "causal",
+                      segments: torch.Tensor | None = None) -> torch.Tensor:
+    """Which key each query may attend to, from the token kinds (B, T): bool (B, T, T).
+
+    ``segments`` (B, T), for packed sequences: 0 marks the head (prefix, image block, voco), k > 0 the
+    k-th packed record; a record sees the head and itself, never another record."""
     t = kinds.shape[1]
     idx = torch.arange(t, device=kinds.device)
     causal = idx[None, :] <= idx[:, None]  # (T, T): key <= query
@@ -41,11 +45,15 @@ def allowed_attention(kinds: torch.Tensor, compress: bool, vision_attention: str
         allowed = allowed & ~((q == TEXT) & (k == IMAGE))  # text sees the image only through voco
         if vision_attention == "isolated":
             allowed = allowed & ~((q == IMAGE) & (k == IMAGE) & (idx[:, None] != idx[None, :]))
+    if segments is not None:
+        sq, sk = segments[:, :, None], segments[:, None, :]
+        allowed = allowed & ((sk == 0) | (sk == sq))
     return allowed | ((q == PAD) & (idx[:, None] == idx[None, :]))
 
 
-def attention_mask_4d(kinds: torch.Tensor, compress: bool, vision_attention: str, dtype: torch.dtype) -> torch.Tensor:
+def attention_mask_4d(kinds: torch.Tensor, compress: bool, vision_attention: str, dtype: torch.dtype,
+                      segments: torch.Tensor | None = None) -> torch.Tensor:
     """The additive mask the language model receives: 0 where allowed, float min elsewhere. (B, 1, T, T)"""
-    allowed = allowed_attention(kinds, compress, vision_attention)
+    allowed = allowed_attention(kinds, compress, vision_attention, segments)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=kinds.device)
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]

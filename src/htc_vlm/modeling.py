@@ -180,6 +180,7 @@ class HTCForConditionalGeneration(HTCPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
+        segment_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits (and the answer loss of Eq. 9 when ``labels`` are given, -100 = ignored).
@@ -187,11 +188,13 @@ class HTCForConditionalGeneration(HTCPreTrainedModel, GenerationMixin):
         With ``<image>`` placeholders in ``input_ids`` the image block is built and the
         disentanglement mask applied (a fresh sequence: the prompt must start here). Without them
         this is the plain language model, e.g. a question continuing a :class:`VisualCache`.
+        ``segment_ids`` (with ``position_ids``) mark packed records that must not see each other
+        (:class:`~htc_vlm.data.llava.LlavaDataset` with ``pack_by_image``).
         """
         lm = self.model.language_model
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)  # the Trainer's count, for accumulation
         has_image = input_ids is not None and bool((input_ids == self.config.image_token_id).any())
-        if has_image or pixel_values is not None or discrete_latents is not None:
+        if has_image or pixel_values is not None or discrete_latents is not None or segment_ids is not None:
             if input_ids is None:
                 raise HTCError("image prompts need input_ids with <image> placeholders")
             if past_key_values is not None and past_key_values.get_seq_length() > 0:
@@ -200,7 +203,8 @@ class HTCForConditionalGeneration(HTCPreTrainedModel, GenerationMixin):
             am = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
             kinds = token_kinds(input_ids, am, self.config)
             embeds = self.model.embed(input_ids, kinds, pixel_values, discrete_latents)
-            mask = attention_mask_4d(kinds, self.config.compresses, self.config.vision_attention, embeds.dtype)
+            mask = attention_mask_4d(kinds, self.config.compresses, self.config.vision_attention, embeds.dtype,
+                                     segment_ids)
             out = lm(inputs_embeds=embeds, attention_mask=mask,
                      position_ids=position_ids if position_ids is not None else positions(am),
                      past_key_values=past_key_values, use_cache=use_cache, **kwargs)

@@ -42,10 +42,10 @@ class RunPreset:
     train_scenes: int
     test_scenes: int
     vision_epochs: float = 40
-    vq_steps: int = 600
+    vq_steps: int = 300
     align_epochs: float = 8
-    instruct_epochs: float = 2
-    compress_steps: int = 300  # every compression run (Table 1, 2, ablations, seeds)
+    instruct_epochs: float = 6  # packed by image (tiny.yaml); the upper bound needs ~4 to find objects by name
+    compress_steps: int = 800  # every compression run (Table 1, 2, ablations, seeds), 3 images per step
     budgets: tuple[int, ...] = (3, 2, 1)  # Table 2, from BUDGET_FRACTIONS of the 9 patches
     seeds: tuple[int, ...] = (0, 1)  # HTC vs VoCo at budget 1
     anchors: tuple[int, ...] = (1, 2, 4, 8)  # N_d ablation (4 is the default HTC run)

@@ -70,13 +70,12 @@ class PromptBuilder:
 
     def prompt_ids(self, question: str, with_image: bool = True) -> list[int]:
         """A whole single-question prompt: prefix, image block + voco, question, assistant tag."""
-        head = image_prompt_ids(self.config, self.prefix_ids()) if with_image else self.prefix_ids()
-        return head + self.question_ids(question)
+        return self.head_ids(with_image) + self.question_ids(question)
 
-    def conversation(self, turns: list[dict], with_image: bool, name: str) -> tuple[list[int], list[int]]:
-        """(input_ids, labels) of a conversation; labels only on answers and their end token."""
-        ids = image_prompt_ids(self.config, self.prefix_ids()) if with_image else self.prefix_ids()
-        labels = [IGNORE] * len(ids)
+    def turns_ids(self, turns: list[dict], name: str) -> tuple[list[int], list[int]]:
+        """(input_ids, labels) of the turns alone, as they follow the prompt head; labels only on answers
+        and their end token."""
+        ids, labels = [], []
         for i in range(0, len(turns) - 1, 2):
             q, a = turns[i], turns[i + 1]
             if q.get("from") != "human" or a.get("from") != "gpt":
@@ -86,6 +85,15 @@ class PromptBuilder:
             ids += qi + ai
             labels += [IGNORE] * len(qi) + ai
         return ids, labels
+
+    def head_ids(self, with_image: bool) -> list[int]:
+        return image_prompt_ids(self.config, self.prefix_ids()) if with_image else self.prefix_ids()
+
+    def conversation(self, turns: list[dict], with_image: bool, name: str) -> tuple[list[int], list[int]]:
+        """(input_ids, labels) of a conversation: the head (prefix, image block, voco), then the turns."""
+        head = self.head_ids(with_image)
+        ids, labels = self.turns_ids(turns, name)
+        return head + ids, [IGNORE] * len(head) + labels
 
 
 def check_record(rec: dict, name: str) -> None:
@@ -100,7 +108,15 @@ def check_record(rec: dict, name: str) -> None:
 
 
 class LlavaDataset(Dataset):
-    """One item per record: ``input_ids``, ``labels``, and ``pixel_values`` / ``discrete_latents``.
+    """Items of ``input_ids``, ``labels``, and ``pixel_values`` / ``discrete_latents``.
+
+    ``pack_by_image=False``: one item per record. ``pack_by_image=True``: the records of one image
+    become one item, ``[head] [record 1] [record 2] ...``, where every record sees the head (prefix,
+    image block, voco) and itself but not the other records, and its RoPE positions restart after the
+    head: each record is computed exactly as if it were alone (``segment_ids`` and ``position_ids``
+    tell the model; a test checks the logits against unpacked records). The image block is then built
+    and run once for all the questions about that image, so an epoch costs about half as much for
+    LLaVA-665k-style data with several single-question records per image.
 
     Everything checkable is checked when the dataset is built, so a bad sample stops a run before
     its first step with an error naming it: record layout, image files, feature-store ids.
@@ -108,13 +124,13 @@ class LlavaDataset(Dataset):
 
     def __init__(self, json_path: str | Path, images: str | Path, tokenizer, config: HTCConfig,
                  template: str = "plain", features=None, max_length: int = 2048, image_norm: str = "half",
-                 resize: bool = False):
+                 resize: bool = False, pack_by_image: bool = False):
         self.records = json.loads(Path(json_path).read_text())
         self.images = Path(images)
         self.builder = PromptBuilder(tokenizer, get_template(template), config)
         self.config, self.features, self.max_length = config, features, max_length
         self.norm = (CLIP_MEAN, CLIP_STD) if image_norm == "clip" else ((0.5,) * 3, (0.5,) * 3)
-        self.resize = resize
+        self.resize, self.packed = resize, pack_by_image
         needs_q = config.compression in ("htc", "discrete")
         if needs_q and features is None:
             raise HTCError(f"compression={config.compression!r} needs a discrete feature store (data.features)")
@@ -126,27 +142,69 @@ class LlavaDataset(Dataset):
                     raise HTCError(f"sample {name}: image file {self.images / rec['image']} not found")
                 if needs_q and rec["image"] not in features:
                     raise HTCError(f"sample {name}: image id {rec['image']!r} is not in the feature store {features.path}")
+        self.items = self._pack() if pack_by_image else [[i] for i in range(len(self.records))]
+
+    def _pack(self) -> list[list[int]]:
+        """Record indices per item: records of one image together (in file order, a new item whenever
+        ``max_length`` would be passed); records without an image alone."""
+        by_image: dict[str, list[list[int]]] = {}
+        items: list[list[int]] = []
+        head = len(self.builder.head_ids(True))
+        for i, rec in enumerate(self.records):
+            if "image" not in rec:
+                items.append([i])
+                continue
+            n = len(self.builder.turns_ids(rec["conversations"], repr(rec.get("id", i)))[0])
+            groups = by_image.setdefault(rec["image"], [])
+            if not groups or groups[-1][0] + n > self.max_length:
+                groups.append([head, []])
+                items.append(groups[-1][1])
+            groups[-1][0] += n
+            groups[-1][1].append(i)
+        return items
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.items)
+
+    def lengths(self) -> list[int]:
+        """Approximate lengths (words of every turn, plus the image block) for length-grouped batches,
+        computed without loading an image."""
+        head = len(self.builder.head_ids(True))
+        return [sum(len(t.get("value", "").split()) for r in item for t in self.records[r]["conversations"])
+                + head * ("image" in self.records[item[0]]) for item in self.items]
+
+    def _image(self, rec: dict) -> dict:
+        size = self.config.vision_config.image_size
+        out = {"pixel_values": to_tensor(load_rgb(self.images / rec["image"], size, resize=self.resize), *self.norm)}
+        if self.features is not None and self.config.compression in ("htc", "discrete"):
+            out["discrete_latents"] = self.features[rec["image"]]
+        return out
 
     def __getitem__(self, i: int) -> dict:
-        rec = self.records[i]
+        item = self.items[i]
+        rec = self.records[item[0]]
         has_image = "image" in rec
-        ids, labels = self.builder.conversation(rec["conversations"], has_image, repr(rec.get("id", i)))
-        if len(ids) > self.max_length:
-            n_head = len(image_prompt_ids(self.config, self.builder.prefix_ids()))
-            if self.max_length <= n_head:
-                raise HTCError(f"max_length {self.max_length} is shorter than the image block ({n_head} tokens)")
-            ids, labels = ids[: self.max_length], labels[: self.max_length]
-        item = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
-        if has_image:
-            size = self.config.vision_config.image_size
-            img = load_rgb(self.images / rec["image"], size, resize=self.resize)
-            item["pixel_values"] = to_tensor(img, *self.norm)
-            if self.features is not None and self.config.compression in ("htc", "discrete"):
-                item["discrete_latents"] = self.features[rec["image"]]
-        return item
+        if not self.packed:
+            ids, labels = self.builder.conversation(rec["conversations"], has_image, repr(rec.get("id", i)))
+            if len(ids) > self.max_length:
+                n_head = len(self.builder.head_ids(True))
+                if self.max_length <= n_head:
+                    raise HTCError(f"max_length {self.max_length} is shorter than the image block ({n_head} tokens)")
+                ids, labels = ids[: self.max_length], labels[: self.max_length]
+            out = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+            return out | (self._image(rec) if has_image else {})
+        head = self.builder.head_ids(has_image)
+        ids, labels, segments, pos = list(head), [IGNORE] * len(head), [0] * len(head), list(range(len(head)))
+        for seg, r in enumerate(item, start=1):  # segment 0 = the head, seen by every record
+            t_ids, t_labels = self.builder.turns_ids(self.records[r]["conversations"], repr(self.records[r].get("id", r)))
+            ids += t_ids
+            labels += t_labels
+            segments += [seg] * len(t_ids)
+            pos += range(len(head), len(head) + len(t_ids))
+        n = self.max_length  # only a lone record longer than max_length is cut (_pack starts new items before)
+        out = {"input_ids": torch.tensor(ids[:n]), "labels": torch.tensor(labels[:n]),
+               "segment_ids": torch.tensor(segments[:n]), "position_ids": torch.tensor(pos[:n])}
+        return out | (self._image(rec) if has_image else {})
 
 
 @dataclass
@@ -159,6 +217,9 @@ class Collator:
         ids, mask = left_pad([x["input_ids"].tolist() for x in items], self.pad_token_id)
         labels, _ = left_pad([x["labels"].tolist() for x in items], IGNORE)
         batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        for key in ("segment_ids", "position_ids"):  # packed items (LlavaDataset(pack_by_image=True))
+            if key in items[0]:
+                batch[key] = left_pad([x[key].tolist() for x in items], 0)[0]
         for key in ("pixel_values", "discrete_latents"):
             vals = [x[key] for x in items if key in x]
             if vals:

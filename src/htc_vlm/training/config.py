@@ -51,6 +51,9 @@ class DataSpec:
     max_length: int = 1024
     image_norm: str = "half"  # half: [-1, 1]; clip: CLIP mean / std
     resize: bool = False  # resize images to the tower's size (real data) instead of refusing
+    # One sequence per image holding all its records, each seeing the image block but not the others
+    # (exactly as if alone): the image is run once per epoch instead of once per question.
+    pack_by_image: bool = False
 
 
 @dataclass
@@ -73,6 +76,8 @@ class OptimSpec:
     save_steps: int = 500
     save_total_limit: int = 2
     seed: int = 0
+    # Batches of similar lengths (shuffled in groups of 50 batches): less padding, same samples per epoch.
+    group_by_length: bool = False
     dataloader_num_workers: int = 0
 
 

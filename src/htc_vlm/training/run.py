@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from ..data.llava import Collator, LlavaDataset
 from ..errors import HTCError
@@ -55,6 +56,15 @@ class HTCTrainer(Trainer):
                            f"training stopped, last good checkpoint: {last or 'none yet'}")
         return out
 
+    def _get_train_sampler(self, train_dataset=None):
+        """With ``group_by_length``, lengths come from the dataset's ``lengths()`` (word counts, as LLaVA's
+        trainer does) instead of the Trainer's default, which would load every sample (and image) once."""
+        data = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and hasattr(data, "lengths"):
+            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        lengths=data.lengths())
+        return super()._get_train_sampler(train_dataset)
+
 
 def last_checkpoint(output_dir: str | Path) -> str | None:
     """The newest complete checkpoint; incomplete ones (no marker) are ignored."""
@@ -72,7 +82,8 @@ def training_arguments(cfg: TrainConfig, **extra) -> TrainingArguments:
         output_dir=cfg.output_dir, learning_rate=o.learning_rate, num_train_epochs=o.num_train_epochs,
         max_steps=o.max_steps, per_device_train_batch_size=o.per_device_train_batch_size,
         gradient_accumulation_steps=o.gradient_accumulation_steps, warmup_steps=o.warmup_ratio,
-        lr_scheduler_type=o.lr_scheduler_type, weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm,
+        lr_scheduler_type=o.lr_scheduler_type,
+        train_sampling_strategy="group_by_length" if o.group_by_length else "random", weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm,
         bf16=o.bf16, deepspeed=deepspeed_path(o.deepspeed),
         logging_steps=o.logging_steps, save_strategy="steps", save_steps=o.save_steps,
         save_total_limit=o.save_total_limit, seed=o.seed, data_seed=o.seed,
@@ -192,7 +203,7 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> Path:
             raise HTCError(f"compression={model.config.compression!r} needs data.features (a discrete feature store)")
         features = FeatureStore(cfg.data.features, expected_dim=model.config.discrete_dim)
     data = LlavaDataset(cfg.data.conversations, cfg.data.images, tokenizer, model.config, cfg.data.template,
-                        features, cfg.data.max_length, cfg.data.image_norm, cfg.data.resize)
+                        features, cfg.data.max_length, cfg.data.image_norm, cfg.data.resize, cfg.data.pack_by_image)
     trainer = HTCTrainer(model=model, args=training_arguments(cfg), train_dataset=data,
                          data_collator=Collator(tokenizer.pad_token_id), processing_class=tokenizer,
                          callbacks=callbacks)

@@ -292,3 +292,35 @@ def test_group_by_length_batches_similar_lengths_without_loading_images(scenes_d
         return sum(b["input_ids"].numel() for b in trainer.get_train_dataloader())
 
     assert padded_tokens(True) < 0.9 * padded_tokens(False)
+
+
+def test_packing_keeps_text_only_records_alone_and_splits_at_max_length(scenes_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from htc_vlm.data.llava import Collator, LlavaDataset
+
+    tok = AutoTokenizer.from_pretrained(scenes_dir / "tokenizer")
+    torch.manual_seed(0)
+    model = HTCForConditionalGeneration(build_config("tiny", tok)).eval()
+    recs = json.loads((scenes_dir / "train" / "conversations.json").read_text())
+    image = recs[0]["image"]
+    same = [r for r in recs if r["image"] == image][:3]
+    text = {"id": "t", "conversations": [{"from": "human", "value": "How many objects are there?"},
+                                         {"from": "gpt", "value": "2"}]}
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps(same + [text]))
+    args = (path, scenes_dir / "images", tok, model.config)
+    packed = LlavaDataset(*args, pack_by_image=True)
+    assert packed.items == [[0, 1, 2], [3]]
+    alone = LlavaDataset(*args)
+    collate = Collator(tok.pad_token_id)
+    with torch.no_grad():
+        got = model(**{k: v for k, v in collate([packed[1]]).items() if k != "labels"}).logits
+        want = model(**{k: v for k, v in collate([alone[3]]).items() if k != "labels"}).logits
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    head = len(alone.builder.head_ids(True))
+    n = [len(alone[i]["input_ids"]) - head for i in range(3)]
+    cap = head + n[0] + n[1]  # room for the first two records, not the third
+    small = LlavaDataset(*args, max_length=cap, pack_by_image=True)
+    assert small.items == [[0, 1], [2], [3]]
+    assert [len(small[i]["input_ids"]) for i in range(2)] == [cap, head + n[2]]

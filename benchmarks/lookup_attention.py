@@ -15,9 +15,9 @@ import torch
 from transformers import AutoTokenizer
 
 from htc_vlm import HTCForConditionalGeneration
-from htc_vlm.data.images import load_rgb, to_tensor
 from htc_vlm.data.llava import PromptBuilder, get_template
 from htc_vlm.data.scenes import GRID, read_jsonl
+from htc_vlm.inference import ImageEncoder
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
@@ -31,7 +31,7 @@ if __name__ == "__main__":
         raise SystemExit(f"needs an uncompressed model with one token per grid cell ({GRID * GRID}), "
                          f"got compression={model.config.compression!r}, {model.config.num_image_tokens} tokens")
     builder = PromptBuilder(AutoTokenizer.from_pretrained(a.model), get_template("plain"), model.config)
-    size = model.config.vision_config.image_size
+    encoder = ImageEncoder(model, root=a.run / "scenes" / "images")
     scenes = [s for s in read_jsonl(a.run / "scenes" / "test" / "scenes.jsonl") if len(s["objects"]) >= 3][: a.n]
     layers = model.config.text_config.num_hidden_layers
     hit, share = torch.zeros(layers), torch.zeros(layers)
@@ -39,8 +39,8 @@ if __name__ == "__main__":
         for s in scenes:
             o = s["objects"][0]
             ids = builder.prompt_ids(f"What color is the {o['shape']}?")
-            pixels = to_tensor(load_rgb(a.run / "scenes" / "images" / s["image"], size), (0.5,) * 3, (0.5,) * 3)
-            out = model(input_ids=torch.tensor([ids]), pixel_values=pixels[None], output_attentions=True)
+            pixels, _ = encoder.batch([s["image"]])
+            out = model(input_ids=torch.tensor([ids]), pixel_values=pixels, output_attentions=True)
             patches = [i for i, t in enumerate(ids) if t == model.config.image_token_id]
             cell = o["row"] * GRID + o["col"]
             for layer, att in enumerate(out.attentions):  # (1, heads, T, T)

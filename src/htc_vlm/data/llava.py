@@ -147,20 +147,20 @@ class LlavaDataset(Dataset):
     def _pack(self) -> list[list[int]]:
         """Record indices per item: records of one image together (in file order, a new item whenever
         ``max_length`` would be passed); records without an image alone."""
-        by_image: dict[str, list[list[int]]] = {}
         items: list[list[int]] = []
+        open_item: dict[str, tuple[list[int], int]] = {}  # image -> (its last item, that item's length)
         head = len(self.builder.head_ids(True))
         for i, rec in enumerate(self.records):
             if "image" not in rec:
                 items.append([i])
                 continue
             n = len(self.builder.turns_ids(rec["conversations"], repr(rec.get("id", i)))[0])
-            groups = by_image.setdefault(rec["image"], [])
-            if not groups or groups[-1][0] + n > self.max_length:
-                groups.append([head, []])
-                items.append(groups[-1][1])
-            groups[-1][0] += n
-            groups[-1][1].append(i)
+            item, length = open_item.get(rec["image"], (None, 0))
+            if item is None or length + n > self.max_length:
+                item, length = [], head
+                items.append(item)
+            item.append(i)
+            open_item[rec["image"]] = (item, length + n)
         return items
 
     def __len__(self) -> int:
@@ -184,15 +184,6 @@ class LlavaDataset(Dataset):
         item = self.items[i]
         rec = self.records[item[0]]
         has_image = "image" in rec
-        if not self.packed:
-            ids, labels = self.builder.conversation(rec["conversations"], has_image, repr(rec.get("id", i)))
-            if len(ids) > self.max_length:
-                n_head = len(self.builder.head_ids(True))
-                if self.max_length <= n_head:
-                    raise HTCError(f"max_length {self.max_length} is shorter than the image block ({n_head} tokens)")
-                ids, labels = ids[: self.max_length], labels[: self.max_length]
-            out = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
-            return out | (self._image(rec) if has_image else {})
         head = self.builder.head_ids(has_image)
         ids, labels, segments, pos = list(head), [IGNORE] * len(head), [0] * len(head), list(range(len(head)))
         for seg, r in enumerate(item, start=1):  # segment 0 = the head, seen by every record
@@ -201,9 +192,14 @@ class LlavaDataset(Dataset):
             labels += t_labels
             segments += [seg] * len(t_ids)
             pos += range(len(head), len(head) + len(t_ids))
-        n = self.max_length  # only a lone record longer than max_length is cut (_pack starts new items before)
-        out = {"input_ids": torch.tensor(ids[:n]), "labels": torch.tensor(labels[:n]),
-               "segment_ids": torch.tensor(segments[:n]), "position_ids": torch.tensor(pos[:n])}
+        n = self.max_length  # packed: only a lone record can pass it (_pack starts new items before)
+        if len(ids) > n:
+            n_head = len(self.builder.head_ids(True))
+            if n <= n_head:
+                raise HTCError(f"max_length {n} is shorter than the image block ({n_head} tokens)")
+        out = {"input_ids": torch.tensor(ids[:n]), "labels": torch.tensor(labels[:n])}
+        if self.packed:
+            out |= {"segment_ids": torch.tensor(segments[:n]), "position_ids": torch.tensor(pos[:n])}
         return out | (self._image(rec) if has_image else {})
 
 

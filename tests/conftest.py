@@ -15,7 +15,7 @@ def scenes_dir(tmp_path_factory):
     from htc_vlm.data.tokenizer import save_tokenizer
 
     out = tmp_path_factory.mktemp("scenes")
-    write_benchmark(out, 60, 20, seed=3, image_size=64)
+    write_benchmark(out, 60, 20, seed=3, image_size=48, n_val=10)
     save_tokenizer(out / "tokenizer")
     return out
 
@@ -31,7 +31,7 @@ def tiny_run(tmp_path_factory, scenes_dir):
     root = tmp_path_factory.mktemp("run")
     shutil.copytree(scenes_dir, root / "scenes")
     torch.manual_seed(0)
-    vq = MultiGroupVQ(VQConfig(downsample=4, base_channels=8, codebook_size=16, kmeans_init=False)).eval()
+    vq = MultiGroupVQ(VQConfig(image_size=48, downsample=4, base_channels=8, codebook_size=16, kmeans_init=False)).eval()
     feats, failed = encode_folder(vq, root / "scenes" / "images")
     assert not failed
     write_store(feats, root / "features.safetensors")

@@ -65,6 +65,6 @@ def test_report_tables_retention_and_per_template(tmp_path):
     text, results = render(tmp_path, record)
     assert results["table1"]["voco-b1"]["retention"] == {"open": 50.0}  # (50-20)/(80-20); pope: upper < lower
     assert "| VoCo-LLaMA | 50.0 (50%) | 65.0 |" in text and "No retention for pope_random" in text
-    assert results["open_by_template"]["upper bound (all 9 patch tokens)"] == {"color": 50.0, "count": 100.0}
+    assert results["open_by_template"]["upper bound (every patch token)"] == {"color": 50.0, "count": 100.0}
     assert results["open_by_template"]["upper bound, one-object scenes only"] == {"color": 100.0}
     assert "| eval/voco-b1 | done |" in text

@@ -20,13 +20,24 @@ def _digest(root):
 
 def test_cli_writes_every_file_and_is_deterministic(tmp_path):
     for name in ("a", "b"):
-        assert main(["data", "scenes", "--out", str(tmp_path / name), "--train", "30", "--test", "10", "--seed", "7"]) == 0
+        assert main(["data", "scenes", "--out", str(tmp_path / name), "--train", "30", "--val", "5", "--test", "10",
+                     "--seed", "7"]) == 0
     a = tmp_path / "a"
     assert _digest(a) == _digest(tmp_path / "b")
     assert main(["data", "scenes", "--out", str(tmp_path / "c"), "--train", "30", "--test", "10", "--seed", "8"]) == 0
     assert _digest(a) != _digest(tmp_path / "c")
 
-    assert len(list((a / "images").glob("*.png"))) == 40
+    assert len(list((a / "images").glob("*.png"))) == 45
+    splits = {split: {s["image"] for s in S.read_jsonl(a / split / "scenes.jsonl")} for split in ("train", "val", "test")}
+    assert [len(v) for v in splits.values()] == [30, 5, 10] and not (splits["val"] & (splits["train"] | splits["test"]))
+    for fam in S.FAMILIES:  # the validation split has every family's question file, on its own images
+        assert {r["image"] for r in S.read_jsonl(a / "val" / f"{fam}.jsonl")} <= splits["val"]
+    assert {c["image"] for c in json.loads((a / "val" / "conversations.json").read_text())} == splits["val"]
+    text = json.loads((a / "train" / "text.json").read_text())
+    assert all("image" not in r and "<image>" not in r["conversations"][0]["value"] for r in text)
+    questions = [c["conversations"][0]["value"] for c in json.loads((a / "train" / "conversations.json").read_text())]
+    pope = [q for q in questions if any(f"Is there a {c} " in q and " in the image?" in q for c in S.COLORS)]
+    assert pope and all(q.endswith(f"in the image? {S.SHORT_ANSWER}") for q in pope)  # asked as the evaluator asks
     conv = json.loads((a / "train" / "conversations.json").read_text())
     assert len({c["image"] for c in conv}) == 30 and set(conv[0]) == {"id", "image", "conversations"}
     turns = conv[0]["conversations"]
@@ -36,6 +47,10 @@ def test_cli_writes_every_file_and_is_deterministic(tmp_path):
     caps = json.loads((a / "train" / "captions.json").read_text())
     cap = caps[0]["conversations"][1]["value"]
     assert any(cap.startswith(f"{pos} : ") for pos in S.POSITIONS) and cap.endswith(".")  # place first
+    by_shape = caps[1]["conversations"][1]["value"]  # the same image listed by shape, in SHAPES order
+    assert caps[1]["image"] == caps[0]["image"] and caps[1]["conversations"][0]["value"].endswith(S.SHAPE_CAPTION_PROMPT)
+    shapes = [part.split(" : ")[0] for part in by_shape.rstrip(".").split(", ")]
+    assert shapes == sorted(shapes, key=S.SHAPES.index) and len(shapes) == cap.count(" : ")
     for fam in S.FAMILIES:
         rows = S.read_jsonl(a / "test" / f"{fam}.jsonl")
         assert rows, fam
@@ -46,7 +61,7 @@ def test_cli_writes_every_file_and_is_deterministic(tmp_path):
             assert r["tag"] in ("semantic", "detail")
             assert (a / "images" / r["image"]).exists()
     meta = json.loads((a / "meta.json").read_text())
-    assert meta["seed"] == 7 and meta["image_size"] == 64
+    assert meta["seed"] == 7 and meta["image_size"] == 48 and meta["val"] == 5
     assert (a / "tokenizer" / "tokenizer.json").exists()
 
 
@@ -100,7 +115,7 @@ def test_letters_and_yes_no_are_balanced():
         assert yes["yes"] == yes["no"]
 
 
-@pytest.mark.parametrize("size", [64, 336])
+@pytest.mark.parametrize("size", [48, 64, 336])
 def test_render_sizes(size):
     scene = S.sample_scenes("test", 1, 0, size)[0]
     img = S.render(scene, size)
@@ -115,7 +130,7 @@ def test_render_sizes(size):
 def test_png_decodes(scenes_dir):
     p = next((scenes_dir / "images").glob("*.png"))
     with Image.open(p) as im:
-        assert im.size == (64, 64)
+        assert im.size == (48, 48)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -176,7 +176,7 @@ def test_bad_training_data_is_named(instructed, tmp_path):
     # an image id missing from the feature store
     from htc_vlm.vq.store import write_store
 
-    write_store({"other.png": torch.zeros(32 * 16 * 16)}, tmp_path / "f.safetensors")
+    write_store({"other.png": torch.zeros(32 * 12 * 12)}, tmp_path / "f.safetensors")
     cfg = load_config("tiny", _args(run, "compress", "bad-store", "optim.max_steps=1", "model.compression=htc",
                                     f"model.init={run / 'instruct' / 'model'}", f"data.features={tmp_path / 'f.safetensors'}"))
     with pytest.raises(HTCError, match="image id 'train_000000.png' is not in the feature store"):
@@ -324,3 +324,38 @@ def test_packing_keeps_text_only_records_alone_and_splits_at_max_length(scenes_d
     small = LlavaDataset(*args, max_length=cap, pack_by_image=True)
     assert small.items == [[0, 1], [2], [3]]
     assert [len(small[i]["input_ids"]) for i in range(2)] == [cap, head + n[2]]
+
+
+def test_flatness_criterion_on_written_curves():
+    from htc_vlm.training.plateau import is_flat, relative_gain
+
+    falling = [(100, 1.0), (200, 0.8), (300, 0.6), (400, 0.5), (500, 0.4)]
+    assert relative_gain(falling, 0.2) == pytest.approx((0.5 - 0.4) / 0.5)  # best before step 400 vs best now
+    assert not is_flat(falling)
+    flat = [(100, 1.0), (200, 0.8), (300, 0.7), (400, 0.7), (500, 0.6995)]
+    assert is_flat(flat, tolerance=0.01)
+    assert not is_flat(flat, tolerance=0.0001)
+    noisy_up = [(100, 1.0), (200, 0.7), (300, 0.71), (400, 0.72), (500, 0.73)]  # best loss unchanged: flat
+    assert relative_gain(noisy_up, 0.2) == 0 and is_flat(noisy_up)
+    assert relative_gain(falling[:1], 0.2) is None and not is_flat(falling[:1])  # too early to judge
+    assert relative_gain([(100, 1.0), (200, 0.9), (1000, 0.1)], 0.5) == pytest.approx((0.9 - 0.1) / 0.9)
+
+
+def test_compress_run_stops_when_its_validation_loss_is_flat(instructed):
+    """A tolerance no run can miss stops at the first evaluation that has two before its window; the
+    saved curve says where and why; a tolerance of 0 runs to the cap and is flagged not flat."""
+    run = instructed
+    s = run / "scenes"
+    common = [f"model.init={run / 'instruct' / 'model'}", "model.compression=voco",
+              f"data.val_conversations={s / 'val' / 'conversations.json'}", "data.val_items=2",
+              "optim.eval_steps=1", "optim.max_steps=12", "data.pack_by_image=true"]
+    assert main(["train", "--config", "tiny", *_args(run, "compress", "flat", *common, "optim.stop_when_flat=1.0")]) == 0
+    curve = json.loads((run / "flat" / "model" / "val_curve.json").read_text())
+    assert curve["flat"] and curve["final_step"] == 3 < 12 and curve["steps"] == [1, 2, 3]
+    assert main(["train", "--config", "tiny", *_args(run, "compress", "cap", *common)]) == 0
+    capped = json.loads((run / "cap" / "model" / "val_curve.json").read_text())
+    assert capped["final_step"] == 12 and len(capped["val_loss"]) == 12
+    with pytest.raises(HTCError, match="stop_when_flat needs optim.eval_steps"):
+        load_config("tiny", ["stage=compress", "optim.stop_when_flat=0.01"])
+    with pytest.raises(HTCError, match="eval_steps needs data.val_conversations"):
+        load_config("tiny", ["stage=compress", "optim.eval_steps=5"])

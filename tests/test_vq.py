@@ -92,7 +92,7 @@ def test_feature_store_round_trip_sharded_and_missing_id(tmp_path):
 def test_train_tokenizer_cli_checkpoints_and_resumes(tmp_path, scenes_dir, monkeypatch):
     import htc_vlm.vq.model as vqm
 
-    monkeypatch.setitem(vqm.VQ_PRESETS, "test", _small())
+    monkeypatch.setitem(vqm.VQ_PRESETS, "test", _small(image_size=48))
     out = tmp_path / "tok"
     args = ["train-tokenizer", "--images", str(scenes_dir / "images"), "--out", str(out), "--preset", "test",
             "--batch-size", "4", "--eval-every", "2"]
@@ -105,13 +105,13 @@ def test_train_tokenizer_cli_checkpoints_and_resumes(tmp_path, scenes_dir, monke
     assert 0 < m["psnr"] < 100 and len(m["usage_per_group"]) == 8 and all(0 < u <= 1 for u in m["usage_per_group"])
     assert (out / "recon_000004.png").exists() and (out / "tokenizer" / "model.safetensors").exists()
     with Image.open(out / "recon_000004.png") as im:
-        assert im.size == (8 * 64, 2 * 64)
+        assert im.size == (8 * 48, 2 * 48)
 
     # a feature store for every image, readable with the right q length
     store = tmp_path / "q.safetensors"
     assert main(["encode-discrete", "--tokenizer", str(out), "--images", str(scenes_dir / "images"),
                  "--out", str(store)]) == 0
-    fs = FeatureStore(store, expected_dim=_small().q_dim)
+    fs = FeatureStore(store, expected_dim=_small(image_size=48).q_dim)
     assert len(fs) == len(list((scenes_dir / "images").glob("*.png")))
     tok = MultiGroupVQ.load(out / "tokenizer")
     img = Image.open(next((scenes_dir / "images").glob("*.png")))

@@ -28,9 +28,10 @@ def progress_bar() -> Progress:
 def data_scenes(
     out: Annotated[Path, typer.Option(help="Output folder (must be empty or absent).")],
     train: Annotated[int, typer.Option(help="Number of training scenes.")] = 2000,
-    test: Annotated[int, typer.Option(help="Number of test scenes.")] = 500,
+    test: Annotated[int, typer.Option(help="Number of test scenes (read only by final evaluations).")] = 500,
+    val: Annotated[int, typer.Option(help="Number of validation scenes (every recipe choice is made on them).")] = 200,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed writes the same bytes.")] = 0,
-    size: Annotated[int, typer.Option(help="Image side in pixels (64 for the tiny preset, 336 for CLIP-L/336).")] = 64,
+    size: Annotated[int, typer.Option(help="Image side in pixels (48 for the tiny preset, 336 for CLIP-L/336).")] = 48,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
 ) -> None:
     """Write the scene benchmark: images, LLaVA training files, per-family test questions, tokenizer."""
@@ -39,10 +40,10 @@ def data_scenes(
     from .io import atomic_dir
 
     with atomic_dir(out, overwrite) as tmp, progress_bar() as bar:
-        task = bar.add_task("rendering scenes", total=train + test)
-        meta = write_benchmark(tmp, train, test, seed, size, progress=lambda: bar.advance(task))
+        task = bar.add_task("rendering scenes", total=train + val + test)
+        meta = write_benchmark(tmp, train, test, seed, size, progress=lambda: bar.advance(task), n_val=val)
         save_tokenizer(tmp / "tokenizer")
-    console.print(f"wrote {train} train and {test} test scenes to {out}: " +
+    console.print(f"wrote {train} train, {val} val and {test} test scenes to {out}: " +
                   ", ".join(f"{k} {v}" for k, v in meta["questions"].items()))
 
 
@@ -341,11 +342,12 @@ def reproduce(
     preset: Annotated[str, typer.Option(help="Preset of the run.")] = "tiny",
     quick: Annotated[bool, typer.Option(help="Fewer scenes and steps (the CI smoke run).")] = False,
     only: Annotated[list[str] | None, typer.Option(help="Run only these stages (repeatable).")] = None,
+    seeds: Annotated[int | None, typer.Option(help="Train Table 1 with seeds 0..N-1 (default 3); may grow on a finished run.")] = None,
 ) -> None:
     """Run the paper's pipeline on the embedded default, stage by stage, resuming where it stopped."""
     from .reproduce import run
 
-    run(out, preset=preset, quick=quick, only=only, console=console)
+    run(out, preset=preset, quick=quick, only=only, console=console, seeds=seeds)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,13 +11,17 @@ from .configuration import HTCConfig
 from .errors import HTCError
 
 
-def tiny_vision_config(image_size: int = 64) -> CLIPVisionConfig:
-    """A from-scratch CLIP-style tower whose patches are the scenes' grid cells: 64 px / patch 21 ->
-    3 x 3 = 9 patch tokens, one object each. (With patch 8, 64 tokens, a from-scratch 4-layer
-    language model learned only pooled facts in our budget: counting 0.82, but colour of a named
-    object 0.20, i.e. chance, after 6 epochs.)"""
+TINY_IMAGE_SIZE = 48  # the embedded default's scenes: a 3 x 3 grid of 16 px cells
+TINY_PATCH_SIZE = 8  # 6 x 6 = 36 patch tokens, each grid cell 2 x 2 patches: an object spans several
+TINY_VQ_DOWNSAMPLE = 4  # vq_preset("tiny"): q = 32 x 12 x 12 at 48 px
+
+
+def tiny_vision_config(image_size: int = TINY_IMAGE_SIZE, patch_size: int = TINY_PATCH_SIZE) -> CLIPVisionConfig:
+    """A from-scratch CLIP-style tower for the scenes: 48 px / patch 8 -> 36 patch tokens, so one token
+    is a 36:1 compression and pooling mixes the patches of several objects and of the background.
+    (Up to the session-4 rework: 64 px / patch 21, one patch per object, 9 tokens.)"""
     return CLIPVisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                            image_size=image_size, patch_size=image_size // 3, hidden_act="gelu")
+                            image_size=image_size, patch_size=patch_size, hidden_act="gelu")
 
 
 def _tiny(vocab_size: int, image_token_id: int, voco_token_id: int, pad_token_id: int, bos_token_id: int,
@@ -26,11 +30,13 @@ def _tiny(vocab_size: int, image_token_id: int, voco_token_id: int, pad_token_id
                        num_key_value_heads=4, vocab_size=vocab_size, max_position_embeddings=1024,
                        pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                        tie_word_embeddings=False)
-    args = dict(vision_config=tiny_vision_config().to_dict(), text_config=text.to_dict(),
+    vision = overrides.pop("vision_config", None) or tiny_vision_config()
+    vision = vision if isinstance(vision, dict) else vision.to_dict()
+    args = dict(vision_config=vision, text_config=text.to_dict(),
                 image_token_id=image_token_id, voco_token_id=voco_token_id,
                 vision_feature_layer=-1,  # a tower trained for the VLM: its last layer is the useful one
                 projector_type="mlp2x_gelu", projector_norm=True,  # see HTCConfig.projector_norm
-                discrete_channels=32, discrete_grid=16, compression="none")
+                discrete_channels=32, discrete_grid=vision["image_size"] // TINY_VQ_DOWNSAMPLE, compression="none")
     return HTCConfig(**(args | overrides))
 
 

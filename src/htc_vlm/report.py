@@ -8,12 +8,13 @@ the upper bound does not beat the lower bound has no retention and is left out o
 
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 
 from .evaluation.retention import retention
 
-TABLE1 = [("upper", "upper bound (all 9 patch tokens)"), ("lower", "lower bound (voco mask, untrained)"),
+TABLE1 = [("upper", "upper bound (every patch token)"), ("lower", "lower bound (voco mask, untrained)"),
           ("avgpool-b1", "average pooling"), ("qformer-b1", "Q-Former"), ("voco-b1", "VoCo-LLaMA"),
           ("htc-b1", "HTC (ours)"), ("discrete-b1", "discrete only")]
 TABLE2_METHODS = ["fastv", "pdrop", "sparsevlm", "tome", "voco", "htc"]
@@ -41,9 +42,69 @@ def _cell(score, ret) -> str:
     return "" if score is None else (f"{score:.1f}" + (f" ({ret:.0f}%)" if ret is not None else ""))
 
 
+def _num_patches(out: Path) -> int | None:
+    """Patch tokens per image of the run's upper bound (read from its saved config)."""
+    path = out / "instruct" / "model" / "config.json"
+    if not path.exists():
+        return None
+    v = json.loads(path.read_text())["vision_config"]
+    return (v["image_size"] // v["patch_size"]) ** 2
+
+
+def _ci(c: dict | None) -> str:
+    return "" if not c else f"{c['mean']:.1f} [{c['ci95'][0]:.1f}, {c['ci95'][1]:.1f}]"
+
+
+def _intervals_section(iv: dict, fams: list[str]) -> list[str]:
+    labels = {"upper": "upper bound", "lower": "lower bound"} | {k.split("-")[0]: v for k, v in TABLE1[2:]}
+    lines = ["### Table 1 with 95% intervals", "",
+             f"Mean over training seeds {', '.join(map(str, iv['seeds']))} (the bounds: one model each), 95% "
+             f"percentile interval of a bootstrap over test images and seeds ({iv['replicates']} replicates; "
+             "`intervals.json`).", "",
+             "| method | " + " | ".join(fams) + " |", "|---|" + "---|" * len(fams)]
+    for m, cells in iv["cells"].items():
+        lines.append(f"| {labels.get(m, m)} | " + " | ".join(_ci(cells.get(f)) for f in fams) + " |")
+    d = iv["htc_minus_voco"]
+    lines += ["", "**HTC - VoCo** on the same test questions (points; 95% interval; two-sided bootstrap p; on "
+              "`open` also a sign-flip permutation test over questions):", "",
+              "| family | HTC - VoCo | 95% interval | p (bootstrap) | p (sign flip) |", "|---|---|---|---|---|"]
+    for f in fams:
+        if f in d:
+            x = d[f]
+            lines.append(f"| {f} | {x['difference']:+.2f} | [{x['ci95'][0]:+.2f}, {x['ci95'][1]:+.2f}] | "
+                         f"{x['p_bootstrap']:.3f} | {x.get('p_sign_flip', '')} |")
+    return lines + [""]
+
+
+def _convergence_section(out: Path, record: dict) -> list[str]:
+    runs = {k[len("train/"):]: v["val_curve"] for k, v in record["stages"].items()
+            if k.startswith("train/") and v.get("status") == "done" and v.get("val_curve")}
+    if not runs:
+        return []
+    _plot_val_curves(out, runs)
+    capped = [k for k, c in runs.items() if not c["flat"]]
+    lines = ["## Convergence of the compression runs", "",
+             "Each run evaluates its loss on the validation conversations and stops once the best loss of the last "
+             f"{100 * next(iter(runs.values()))['window']:.0f}% of its steps improved by less than "
+             f"{100 * next(iter(runs.values()))['tolerance']:.0f}% (relative).", "",
+             "![validation curves](val_curves.png)", "",
+             "| run | steps | final val loss | gain over the last window | flat |", "|---|---|---|---|---|"]
+    for k, c in runs.items():
+        gain = c["relative_gain_last_window"]
+        lines.append(f"| {k} | {c['final_step']} | {min(c['val_loss']):.4f} | "
+                     f"{'' if gain is None else f'{100 * gain:.2f}%'} | {'yes' if c['flat'] else '**no**'} |")
+    if capped:
+        lines += ["", f"**Not flat (stopped by the step cap): {', '.join(capped)}.**"]
+    return lines + [""]
+
+
 def render(out: Path, record: dict) -> tuple[str, dict]:
     name = record["preset"]["name"]
     lines = [f"# htc-vlm reproduce: preset {name}", ""]
+    n_patches = _num_patches(out)
+    val = _done(record, "val/upper")
+    if val:
+        lines += [f"Upper bound on the validation split (recipe check): open {val['scores']['open']:.1f}%.", ""]
     results: dict = {"preset": record["preset"], "stages": record["stages"]}
     up, lo = _done(record, "eval/upper"), _done(record, "eval/lower")
     bounds = (up["scores"], lo["scores"]) if up and lo else None
@@ -89,6 +150,10 @@ def render(out: Path, record: dict) -> tuple[str, dict]:
         if (out / "retention.png").exists():
             lines += ["", "![retention per method](retention.png)"]
         lines.append("")
+        iv = _done(record, "table1/intervals")
+        if iv:
+            lines += _intervals_section(iv, fams)
+            results["table1_intervals"] = {"cells": iv["cells"], "htc_minus_voco": iv["htc_minus_voco"]}
 
     per_t = {label: _by_template(out, key) for key, label in TABLE1 if _done(record, f"eval/{key}")}
     if _done(record, "eval/upper"):
@@ -105,7 +170,7 @@ def render(out: Path, record: dict) -> tuple[str, dict]:
 
     seeds = _seed_rows(record, row_data)
     if seeds:
-        lines += ["## HTC vs VoCo over seeds (budget 1)", "",
+        lines += ["## One-token methods over training seeds", "",
                   "| method | seeds | open accuracy, mean (min-max) | avg retention %, mean (min-max) |", "|---|---|---|---|"]
         for m, rows in seeds.items():
             acc = [r["scores"]["open"] for r in rows]
@@ -120,7 +185,7 @@ def render(out: Path, record: dict) -> tuple[str, dict]:
     if any(d for per in t2.values() for d in per.values()):
         fams2 = record["preset"]["table2_families"]
         lines += ["## Table 2 analog: fixed token budgets", "",
-                  f"Budgets {', '.join(map(str, budgets))} of 9 patch tokens (the paper's 192 / 128 / 64 of 576). "
+                  f"Budgets {', '.join(map(str, budgets))} of {n_patches} patch tokens (the paper's 192 / 128 / 64 of 576). "
                   f"Cells: open accuracy (its retention); `results.json` also has {', '.join(fams2[1:]) or 'no other family'}.", "",
                   "| method | " + " | ".join(f"budget {b}" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
         for m, per in t2.items():
@@ -145,6 +210,8 @@ def render(out: Path, record: dict) -> tuple[str, dict]:
             lines.append(f"| {group} | {setting} | " + " | ".join(cells) + f" | {_avg(d['retention'], fams2) or ''} |")
         results["table4"] = {f"{g}: {s}": d for (g, s), d in abl.items()}
         lines.append("")
+
+    lines += _convergence_section(out, record)
 
     pr = _done(record, "probing")
     if pr:
@@ -197,7 +264,7 @@ def _by_template(out: Path, key: str, one_object: bool = False) -> dict:
 
 def _seed_rows(record, row_data) -> dict:
     out = {}
-    for m in ("voco", "htc"):
+    for m in (k.split("-")[0] for k, _ in TABLE1[2:]):
         keys = [k[len("eval/"):] for k in record["stages"] if k.startswith(f"eval/{m}-b1") and
                 (k == f"eval/{m}-b1" or k.startswith(f"eval/{m}-b1-s"))]
         rows = [row_data(k) for k in keys]
@@ -249,6 +316,20 @@ def _plot_retention(out: Path, t1: dict) -> None:
     plt.close(fig)
 
 
+def _plot_val_curves(out: Path, runs: dict) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for k, c in runs.items():
+        ax.plot(c["steps"], c["val_loss"], label=k, lw=1.2, ls="-" if c["flat"] else "--")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("validation loss")
+    ax.set_title("Compression runs: validation loss (dashed: not flat)")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "val_curves.png", dpi=120)
+    plt.close(fig)
+
+
 def _plot_budgets(out: Path, t2: dict, budgets) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3))
@@ -261,7 +342,7 @@ def _plot_budgets(out: Path, t2: dict, budgets) -> None:
     if not drawn:
         plt.close(fig)
         return
-    ax.set_xlabel("visual tokens kept (of 9)")
+    ax.set_xlabel("visual tokens kept")
     ax.set_ylabel("open-question retention (%)")
     ax.legend(fontsize=7)
     fig.tight_layout()

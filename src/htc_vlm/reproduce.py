@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -38,38 +38,54 @@ BUDGET_FRACTIONS = (192 / 576, 128 / 576, 64 / 576)
 @dataclass(frozen=True)
 class RunPreset:
     name: str
-    image_size: int
-    train_scenes: int
-    test_scenes: int
-    vision_epochs: float = 40
+    image_size: int = 48  # 36 patch tokens of 8 px (presets.tiny_vision_config)
+    train_scenes: int = 2000
+    val_scenes: int = 200  # every recipe choice is made here; the test split is read by final evaluations only
+    test_scenes: int = 300  # ~1,150 open questions: a one-seed 95% interval of about +-3 points
+    vision_epochs: float = 15
     vq_steps: int = 300
     align_epochs: float = 8
-    instruct_epochs: float = 6  # packed by image (tiny.yaml); the upper bound needs ~4 to find objects by name
-    compress_steps: int = 800  # every compression run (Table 1, 2, ablations, seeds), 3 images per step
-    budgets: tuple[int, ...] = (3, 2, 1)  # Table 2, from BUDGET_FRACTIONS of the 9 patches
-    seeds: tuple[int, ...] = (0, 1)  # HTC vs VoCo at budget 1
-    anchors: tuple[int, ...] = (1, 2, 4, 8)  # N_d ablation (4 is the default HTC run)
-    fusions: tuple[str, ...] = ("pre", "post", "mean")
+    instruct_epochs: float = 6  # packed by image (tiny.yaml)
+    # Every compression run (Tables 1, 2, 4) runs until its validation loss is flat (training/plateau.py):
+    # evaluated every compress_eval_steps steps, stopped when the best loss of the last 20% of the steps
+    # improved by less than 1%, capped at compress_max_steps (the report flags a capped run).
+    compress_max_steps: int = 3000
+    compress_eval_steps: int = 100
+    compress_min_steps: int = 400
+    compress_val_items: int = 48
+    seeds: tuple[int, ...] = (0, 1, 2)  # Table 1 (every one-token method); --seeds N extends them
+    budgets: tuple[int, ...] = (12, 8, 4)  # Table 2: BUDGET_FRACTIONS of the 36 patches
+    trained_budgets: tuple[int, ...] = (4,)  # voco / htc also trained at these Table-2 budgets (one seed)
+    anchors: tuple[int, ...] = (1, 4, 8)  # N_d ablation (4 is the default HTC run)
+    fusions: tuple[str, ...] = ("pre", "post")
     attentions: tuple[str, ...] = ("causal", "isolated")
-    table2_families: tuple[str, ...] = ("open", "pope_random", "mme")
+    table2_families: tuple[str, ...] = ("open", "pope_adversarial", "mme")
     seed: int = 0
 
 
 PRESETS = {
-    "tiny": RunPreset("tiny", image_size=64, train_scenes=2000, test_scenes=500),
-    "tiny-quick": RunPreset("tiny-quick", image_size=64, train_scenes=300, test_scenes=60, vision_epochs=4,
-                            vq_steps=40, align_epochs=1, instruct_epochs=1, compress_steps=15, budgets=(3, 1),
-                            seeds=(0,), anchors=(1, 4), fusions=("pre",), attentions=("causal", "isolated"),
-                            table2_families=("open",)),
+    "tiny": RunPreset("tiny"),
+    "tiny-quick": RunPreset("tiny-quick", train_scenes=300, val_scenes=30, test_scenes=60, vision_epochs=4,
+                            vq_steps=40, align_epochs=1, instruct_epochs=1, compress_max_steps=30,
+                            compress_eval_steps=10, compress_min_steps=10, compress_val_items=6, seeds=(0,),
+                            budgets=(12, 4), trained_budgets=(4,), anchors=(1, 4), fusions=("pre",),
+                            attentions=("causal", "isolated"), table2_families=("open",)),
 }
+# Settings a run may change without starting over (more seeds add stages; nothing finished changes).
+EXTENSIBLE = ("seeds",)
 
 
-def get_preset(name: str, quick: bool) -> RunPreset:
+def get_preset(name: str, quick: bool, seeds: int | None = None) -> RunPreset:
     key = f"{name}-quick" if quick else name
     if key not in PRESETS:
         raise HTCError(f"unknown preset {name!r}{' with --quick' if quick else ''}; known: "
                        + ", ".join(sorted(p for p in PRESETS if not p.endswith("-quick"))))
-    return PRESETS[key]
+    p = PRESETS[key]
+    if seeds is not None:
+        if seeds < 1:
+            raise HTCError(f"--seeds must be at least 1, got {seeds}")
+        p = replace(p, seeds=tuple(range(seeds)))
+    return p
 
 
 @dataclass
@@ -78,6 +94,7 @@ class Stage:
     run: Callable[[Path, RunPreset], dict]  # (run folder, preset) -> summary for the report
     help: str
     group: str = "base"
+    per_seeds: bool = False  # its result depends on the seed list: run again when --seeds changes it
 
 
 @dataclass(frozen=True)
@@ -91,6 +108,13 @@ class Experiment:
     groups: tuple[str, ...] = field(default=(), compare=False)
 
 
+def seed_key(method: str, seed: int, p: RunPreset) -> str:
+    return f"{method}-b1" + (f"-s{seed}" if seed != p.seed else "")
+
+
+TABLE1_METHODS = ("avgpool", "qformer", "voco", "htc", "discrete")
+
+
 def experiments(p: RunPreset) -> list[Experiment]:
     """Every trained run of the preset, each once, with the tables it feeds."""
     runs: dict[str, Experiment] = {}
@@ -99,14 +123,12 @@ def experiments(p: RunPreset) -> list[Experiment]:
         old = runs.get(e.key, e)
         runs[e.key] = Experiment(old.key, old.method, old.budget, old.extra, old.seed, old.groups + (group,))
 
-    for m in ("avgpool", "qformer", "voco", "htc", "discrete"):
-        add(Experiment(f"{m}-b1", m), "table1")
-    for b in p.budgets:
+    for s in p.seeds:
+        for m in TABLE1_METHODS:
+            add(Experiment(seed_key(m, s, p), m, seed=s), "table1")
+    for b in p.trained_budgets:
         for m in ("voco", "htc"):
             add(Experiment(f"{m}-b{b}", m, b), "table2")
-    for s in p.seeds:
-        for m in ("voco", "htc"):
-            add(Experiment(f"{m}-b1" + (f"-s{s}" if s != p.seed else ""), m, seed=s), "seeds")
     for n in p.anchors:
         add(Experiment("htc-b1" if n == 4 else f"htc-nd{n}", "htc", extra=(f"model.num_anchors={n}",)), "ablations")
     for f in p.fusions:
@@ -114,8 +136,6 @@ def experiments(p: RunPreset) -> list[Experiment]:
     for a in p.attentions:
         add(Experiment("htc-b1" if a == "causal" else f"htc-{a}", "htc", extra=(f"model.vision_attention={a}",)),
             "ablations")
-    add(Experiment("voco-b1", "voco"), "ablations")
-    add(Experiment("discrete-b1", "discrete"), "ablations")
     return list(runs.values())
 
 
@@ -127,9 +147,10 @@ def _stage_scenes(root: Path, preset: RunPreset) -> dict:
     from .data.tokenizer import save_tokenizer
 
     with atomic_dir(root / "scenes", overwrite=True) as tmp:
-        meta = write_benchmark(tmp, preset.train_scenes, preset.test_scenes, preset.seed, preset.image_size)
+        meta = write_benchmark(tmp, preset.train_scenes, preset.test_scenes, preset.seed, preset.image_size,
+                               n_val=preset.val_scenes)
         save_tokenizer(tmp / "tokenizer")
-    cmd = (f"htc-vlm data scenes --out {root / 'scenes'} --train {preset.train_scenes} "
+    cmd = (f"htc-vlm data scenes --out {root / 'scenes'} --train {preset.train_scenes} --val {preset.val_scenes} "
            f"--test {preset.test_scenes} --seed {preset.seed} --size {preset.image_size}")
     return {"outputs": str(root / "scenes"), "command": cmd, "questions": meta["questions"]}
 
@@ -158,7 +179,7 @@ def _stage_tokenizer(root: Path, preset: RunPreset) -> dict:
     from .vq.model import vq_preset
     from .vq.train import VQTrainConfig, train_tokenizer
 
-    m = train_tokenizer(root / "scenes" / "images", root / "vq", vq_preset("tiny"),
+    m = train_tokenizer(root / "scenes" / "images", root / "vq", replace(vq_preset("tiny"), image_size=preset.image_size),
                         VQTrainConfig(steps=preset.vq_steps, eval_every=max(1, preset.vq_steps // 4), seed=preset.seed),
                         log=lambda msg: None)
     return {"outputs": str(root / "vq" / "tokenizer"), "psnr_db": round(m["psnr"], 2),
@@ -195,10 +216,16 @@ def _stage_instruct(root: Path, preset: RunPreset) -> dict:
 
 def _train_experiment(e: Experiment) -> Callable:
     def run(root: Path, preset: RunPreset) -> dict:
-        return _train(root, preset, "compress", f"runs/{e.key}", f"model.init={root / 'instruct' / 'model'}",
-                      f"data.conversations={root / 'scenes' / 'train' / 'conversations.json'}",
-                      f"optim.max_steps={preset.compress_steps}", f"optim.seed={e.seed}", *e.extra,
-                      method=e.method, budget=e.budget)
+        sc = root / "scenes"
+        summary = _train(root, preset, "compress", f"runs/{e.key}", f"model.init={root / 'instruct' / 'model'}",
+                         f"data.conversations={sc / 'train' / 'conversations.json'}",
+                         f"data.val_conversations={sc / 'val' / 'conversations.json'}",
+                         f"data.val_items={preset.compress_val_items}",
+                         f"optim.max_steps={preset.compress_max_steps}", f"optim.eval_steps={preset.compress_eval_steps}",
+                         "optim.stop_when_flat=0.01", f"optim.min_steps={preset.compress_min_steps}",
+                         f"optim.seed={e.seed}", *e.extra, method=e.method, budget=e.budget)
+        curve = json.loads((Path(summary["outputs"]) / "val_curve.json").read_text())
+        return summary | {"val_curve": curve}
     return run
 
 
@@ -223,7 +250,8 @@ def _analysis_input(root: Path, key: str):
     return model, ImageEncoder(model, store, root=root / "scenes" / "images")
 
 
-def _evaluate(root: Path, key: str, model_dir: Path, method: str, budget: int | None, families) -> dict:
+def _evaluate(root: Path, key: str, model_dir: Path, method: str, budget: int | None, families,
+              split: str = "test") -> dict:
     from transformers import AutoTokenizer
 
     from .data.scenes import read_jsonl
@@ -234,28 +262,70 @@ def _evaluate(root: Path, key: str, model_dir: Path, method: str, budget: int | 
     scores, by_tag = {}, {}
     for family in families:
         bench = FAMILY_BENCHMARKS[family]
-        qfile = root / "scenes" / "test" / f"{family}.jsonl"
+        qfile = root / "scenes" / split / f"{family}.jsonl"
         r = run_eval(model, tok, bench, qfile, root / "scenes" / "images", root / "eval" / key / family,
                      method=method, features=store, model_name=str(model_dir))
         scores[family] = round(r["scores"][bench], 2)
         if family == "open":
             acc = accuracy_by(root / "eval" / key / family / "predictions.jsonl", read_jsonl(qfile), lambda q: q["tag"])
-            by_tag = {tag: round(acc[tag], 2) for tag in ("semantic", "detail")}
+            by_tag = {tag: round(acc[tag], 2) for tag in ("semantic", "detail") if tag in acc}
     flags = f"--method {method}" + (f" --budget {budget}" if budget else "") + (" --features " + str(root / "features.safetensors") if store else "")
     return {"outputs": str(root / "eval" / key), "model": str(model_dir), "scores": scores, "open_by_tag": by_tag,
+            "split": split,
             "command": f"htc-vlm eval --model {model_dir} {flags} --benchmark <family's benchmark> --questions "
-                       f"{root / 'scenes/test'}/<family>.jsonl --images {root / 'scenes/images'} --out {root / 'eval' / key}/<family>"}
+                       f"{root / 'scenes' / split}/<family>.jsonl --images {root / 'scenes/images'} --out {root / 'eval' / key}/<family>"}
 
 
-def _eval_stage(key: str, model: Callable[[Path], Path], method: str, budget: int | None, families=None) -> Callable:
+def _eval_stage(key: str, model: Callable[[Path], Path], method: str, budget: int | None, families=None,
+                split: str = "test") -> Callable:
     def run(root: Path, preset: RunPreset) -> dict:
         fams = families(preset) if callable(families) else (families or tuple(FAMILY_BENCHMARKS))
-        return _evaluate(root, key, model(root), method, budget, fams)
+        return _evaluate(root, key, model(root), method, budget, fams, split)
     return run
 
 
 def _upper(root: Path) -> Path:
     return root / "instruct" / "model"
+
+
+def _predictions(root: Path, key: str, family: str) -> tuple[str, list[dict], dict[str, str]]:
+    """(benchmark, question rows as scored, predictions) of one finished evaluation stage."""
+    from .evaluation.runner import _read_predictions, read_questions
+    from .evaluation.scorers.mcq import rotations
+
+    bench = FAMILY_BENCHMARKS[family]
+    rows = read_questions(root / "scenes" / "test" / f"{family}.jsonl")
+    if bench == "mmbench":
+        rows = [r for row in rows for r in rotations(row)]
+    return bench, rows, _read_predictions(root / "eval" / key / family / "predictions.jsonl", bench)
+
+
+def _stage_intervals(root: Path, preset: RunPreset) -> dict:
+    """Table 1 with 95% intervals (bootstrap over test images and seeds) and HTC - VoCo, paired."""
+    from .evaluation.bootstrap import image_statistics, interval, paired_difference, sign_flip_test
+    from .evaluation.scorers.vqa import accuracy
+
+    keys = {"upper": ["upper"], "lower": ["lower"]} | {m: [seed_key(m, s, preset) for s in preset.seeds]
+                                                        for m in TABLE1_METHODS}
+    stats: dict[str, dict[str, list]] = {m: {} for m in keys}
+    for m, runs in keys.items():
+        for family in FAMILY_BENCHMARKS:
+            stats[m][family] = [image_statistics(*_predictions(root, k, family)) for k in runs]
+    cells = {m: {f: interval(v).to_dict() for f, v in fams.items()} for m, fams in stats.items()}
+    diff = {f: paired_difference(stats["htc"][f], stats["voco"][f]) for f in FAMILY_BENCHMARKS}
+
+    def per_question(m):  # open accuracy per question, averaged over the method's seeds
+        got = [_predictions(root, k, "open") for k in keys[m]]
+        rows = got[0][1]
+        return {r["question_id"]: sum(accuracy(p[r["question_id"]], [r["answer"]]) for _, _, p in got) / len(got)
+                for r in rows}
+
+    diff["open"] |= sign_flip_test(per_question("htc"), per_question("voco"))
+    out = {"cells": cells, "htc_minus_voco": diff, "seeds": list(preset.seeds), "replicates": 2000,
+           "unit": "test image (all its questions), seeds drawn with replacement"}
+    atomic_write_bytes(root / "intervals.json", (json.dumps(out, indent=1) + "\n").encode())
+    return out | {"outputs": str(root / "intervals.json"),
+                  "command": f"htc-vlm reproduce --out {root} --only table1/intervals"}
 
 
 # ---------------------------------------------------------------------- analysis
@@ -311,15 +381,19 @@ def stages(p: RunPreset) -> list[Stage]:
         Stage("features", _stage_features, "store the discrete latents q of every image"),
         Stage("align", _stage_align, "align: projector and the from-scratch LM on captions"),
         Stage("instruct", _stage_instruct, "instruct: the uncompressed upper bound"),
+        Stage("val/upper", _eval_stage("val-upper", _upper, "upper", None, split="val"),
+              "the upper bound on the validation split (the base recipe is judged here)"),
         Stage("eval/upper", _eval_stage("upper", _upper, "upper", None), "evaluate the upper bound", "table1"),
         Stage("eval/lower", _eval_stage("lower", _upper, "lower", None), "evaluate the lower bound", "table1"),
     ]
     for e in experiments(p):
         group = e.groups[0]
-        fams = None if "table1" in e.groups or "seeds" in e.groups else (lambda pr: pr.table2_families)
+        fams = None if "table1" in e.groups else (lambda pr: pr.table2_families)
         out.append(Stage(f"train/{e.key}", _train_experiment(e), f"train {e.method} ({e.key})", group))
         out.append(Stage(f"eval/{e.key}", _eval_stage(e.key, lambda r, k=e.key: r / "runs" / k / "model", "model",
                                                       None, fams), f"evaluate {e.key}", group))
+    out.append(Stage("table1/intervals", _stage_intervals,
+                     "Table 1 intervals (bootstrap over images and seeds), HTC - VoCo paired", "table1", per_seeds=True))
     for b in p.budgets:
         for m in ("fastv", "pdrop", "sparsevlm", "tome"):
             out.append(Stage(f"eval/{m}-b{b}", _eval_stage(f"{m}-b{b}", _upper, m, b, lambda pr: pr.table2_families),
@@ -329,9 +403,11 @@ def stages(p: RunPreset) -> list[Stage]:
     return out
 
 
-def run(out: Path, preset: str = "tiny", quick: bool = False, only: list[str] | None = None, console=None) -> dict:
-    """Run (or resume) every stage of ``preset`` into ``out``; return the run record."""
-    p = get_preset(preset, quick)
+def run(out: Path, preset: str = "tiny", quick: bool = False, only: list[str] | None = None, console=None,
+        seeds: int | None = None) -> dict:
+    """Run (or resume) every stage of ``preset`` into ``out``; return the run record. ``seeds`` trains
+    Table 1 with seeds 0..seeds-1 (default: the preset's); it may grow on an existing run."""
+    p = get_preset(preset, quick, seeds)
     todo = stages(p)
     names = {s.name for s in todo} | {s.group for s in todo}
     for n in only or []:
@@ -342,13 +418,19 @@ def run(out: Path, preset: str = "tiny", quick: bool = False, only: list[str] | 
     record_path = out / "run.json"
     this = json.loads(json.dumps(asdict(p)))
     record = json.loads(record_path.read_text()) if record_path.exists() else {"preset": this, "stages": {}}
-    if record["preset"] != this:
+    fixed = lambda d: {k: v for k, v in d.items() if k not in EXTENSIBLE}  # noqa: E731
+    if fixed(record["preset"]) != fixed(this):
         raise HTCError(f"{out} holds a run of preset {record['preset']['name']!r} with other settings; "
                        f"resume it with the same options, or start fresh with another --out or after deleting {out}")
+    record["preset"] = this
 
     def save():
         atomic_write_bytes(record_path, (json.dumps(record, indent=1) + "\n").encode())
 
+    for stage in todo:  # a per-seed summary made with other seeds is stale
+        state = record["stages"].get(stage.name, {})
+        if stage.per_seeds and state.get("status") == "done" and state.get("seeds") != list(p.seeds):
+            state["status"] = "stale"
     t_start, spent = time.perf_counter(), []
     for i, stage in enumerate(todo, 1):
         state = record["stages"].get(stage.name, {})

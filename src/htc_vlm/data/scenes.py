@@ -60,7 +60,8 @@ MME_SUFFIX = " Please answer yes or no."
 MC_SUFFIX = "Answer with the option's letter from the given choices directly."
 LETTERS = ("A", "B", "C", "D")
 CAPTION_PROMPT = "Describe the image briefly."
-FORMAT_VERSION = 1
+SHAPE_CAPTION_PROMPT = "List the objects by shape."
+FORMAT_VERSION = 2  # 2: a val split, text-only records
 
 # The answer space of each question template: chance = 1 / len(space) for open questions.
 ANSWER_SPACES: dict[str, tuple[str, ...]] = {
@@ -121,6 +122,15 @@ class Scene:
         instead of making it pick the next object before its place is said. (Measured once, 4 align
         epochs: shape named right in one-object captions 0.56 vs 0.49 with the place last.)"""
         parts = [o.describe() for o in sorted(self.objects, key=lambda o: (o.row, o.col))]
+        return ", ".join(parts) + "."
+
+    def shape_caption(self) -> str:
+        """Objects in the fixed order of SHAPES, each introduced by its shape ("circle : top left small red
+        solid , ..."): to say where the circle is and what it looks like, the language model must find
+        the circle's patches by their content, the lookup most questions need, and it practises it on
+        every word of the caption instead of once per answer."""
+        parts = [f"{o.shape} : {o.position} {o.size} {o.color} {o.texture}"
+                 for o in sorted(self.objects, key=lambda o: SHAPES.index(o.shape))]
         return ", ".join(parts) + "."
 
     def to_json(self) -> dict:
@@ -361,7 +371,11 @@ def train_conversations(scene: Scene, rng: random.Random, popularity: list[str])
     (counting 0.62 after 6 multi-turn epochs, 1.00 after 1 single-turn epoch).
     """
     qa = list(_open_questions(scene, rng).values())
-    qa += _pope_questions(scene, rng, rng.choice(POPE_SPLITS), popularity)[:2]
+    # POPE is asked with LLaVA's short-answer instruction (the evaluator appends it, as LLaVA's
+    # eval_pope does), so training asks it the same way: without it, POPE questions reached the model
+    # only in a form it had never seen, and some were answered with a letter.
+    qa += [q | {"text": f"{q['text']} {SHORT_ANSWER}"}
+           for q in _pope_questions(scene, rng, rng.choice(POPE_SPLITS), popularity)[:2]]
     qa += _mme_pair(scene, rng, rng.choice(MME_SUBTASKS))
     qa.append(_mc_question(scene, rng, rng.choice(MC_KINDS)))
     rng.shuffle(qa)
@@ -370,15 +384,33 @@ def train_conversations(scene: Scene, rng: random.Random, popularity: list[str])
         for j, q in enumerate(qa)]
 
 
+def text_conversations(scene: Scene, rng: random.Random, popularity: list[str]) -> list[dict]:
+    """The questions of :func:`train_conversations` about the scene written as text (its caption) instead
+    of shown: records with no image, for the language stage.
+
+    Our language model starts from scratch where LLaVA's starts from Vicuna. Finding an object by a word
+    of the question and reading its attribute, or finding the option that holds an answer and saying its
+    letter, is in-context lookup that a from-scratch model learns only after a plateau whose length
+    depends on the seed; learnt once here on short text sequences (cheap), it carries over to images.
+    """
+    records = train_conversations(scene, rng, popularity)
+    for r in records:
+        del r["image"]
+        r["id"] = "text-" + r["id"]
+        turn = r["conversations"][0]
+        turn["value"] = turn["value"].replace(f"{IMAGE_TOKEN}\n", f"{scene.caption()}\n", 1)
+    return records
+
+
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 
 
-def caption_record(scene: Scene) -> dict:
-    """LLaVA stage-1 (blip_laion_cc_sbu_558k) format: one caption per image."""
-    return {"id": scene.id, "image": scene.image, "conversations": [
-        {"from": "human", "value": f"{IMAGE_TOKEN}\n{CAPTION_PROMPT}"},
-        {"from": "gpt", "value": scene.caption()},
-    ]}
+def caption_records(scene: Scene) -> list[dict]:
+    """LLaVA stage-1 (blip_laion_cc_sbu_558k) format: two captions per image, by place and by shape."""
+    return [{"id": f"{scene.id}-{kind}", "image": scene.image, "conversations": [
+        {"from": "human", "value": f"{IMAGE_TOKEN}\n{prompt}"}, {"from": "gpt", "value": text}]}
+        for kind, prompt, text in (("place", CAPTION_PROMPT, scene.caption()),
+                                   ("shape", SHAPE_CAPTION_PROMPT, scene.shape_caption()))]
 
 
 def png_bytes(img: Image.Image) -> bytes:
@@ -387,7 +419,8 @@ def png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def write_benchmark(out: Path, n_train: int, n_test: int, seed: int, image_size: int, progress=None) -> dict:
+def write_benchmark(out: Path, n_train: int, n_test: int, seed: int, image_size: int, progress=None,
+                    n_val: int = 200) -> dict:
     """Write the benchmark into ``out`` (which must exist and be empty). Returns ``meta``.
 
     Layout::
@@ -397,36 +430,47 @@ def write_benchmark(out: Path, n_train: int, n_test: int, seed: int, image_size:
         train/scenes.jsonl              ground-truth objects per scene (also used by probing)
         train/captions.json             LLaVA stage-1 caption file (alignment)
         train/conversations.json        LLaVA-665k format, one question-answer record each (instruction tuning)
+        train/text.json                 the same kinds of question about the scene given as text, no image
+                                        (the language stage: the analog of the LM's text pre-training)
+        val/scenes.jsonl, val/conversations.json, val/text.json, val/{family}.jsonl
+                                        the validation split: every recipe choice is made here
         test/scenes.jsonl
         test/{family}.jsonl             question_id, image, text, answer, tag, template, ...
+
+    The three splits draw their scenes from separate random streams, so no image repeats across them.
     """
-    if n_train <= 0 or n_test <= 0:
-        raise HTCError(f"--train and --test must be positive, got {n_train} and {n_test}")
+    if n_train <= 0 or n_test <= 0 or n_val <= 0:
+        raise HTCError(f"--train, --val and --test must be positive, got {n_train}, {n_val} and {n_test}")
     if image_size < 24:
         raise HTCError(f"--size must be at least 24 pixels, got {image_size}")
     (out / "images").mkdir()
-    (out / "train").mkdir()
-    (out / "test").mkdir()
     splits = {"train": sample_scenes("train", n_train, seed, image_size),
+              "val": sample_scenes("val", n_val, seed, image_size),
               "test": sample_scenes("test", n_test, seed, image_size)}
     for split, scenes in splits.items():
+        (out / split).mkdir()
         for scene in scenes:
             (out / "images" / scene.image).write_bytes(png_bytes(render(scene, image_size)))
             if progress:
                 progress()
         _write_jsonl(out / split / "scenes.jsonl", [s.to_json() for s in scenes])
 
-    train = splits["train"]
-    rng = random.Random(f"htc-vlm-train-questions/{seed}")
-    popularity = [c for c, _ in Counter(o.category for s in train for o in s.objects).most_common()]
-    _write_json(out / "train" / "conversations.json", [r for s in train for r in train_conversations(s, rng, popularity)])
-    _write_json(out / "train" / "captions.json", [caption_record(s) for s in train])
-    counts = {}
-    for fam, qs in test_questions(splits["test"], seed).items():
-        _write_jsonl(out / "test" / f"{fam}.jsonl", qs)
-        counts[fam] = len(qs)
+    popularity = [c for c, _ in Counter(o.category for s in splits["train"] for o in s.objects).most_common()]
+    for split in ("train", "val"):
+        rng = random.Random(f"htc-vlm-{split}-questions/{seed}")
+        scenes = splits[split]
+        _write_json(out / split / "conversations.json", [r for s in scenes for r in train_conversations(s, rng, popularity)])
+        _write_json(out / split / "text.json", [r for s in scenes for r in text_conversations(s, rng, popularity)])
+    _write_json(out / "train" / "captions.json", [r for s in splits["train"] for r in caption_records(s)])
+    counts: dict[str, dict[str, int]] = {}
+    for split, offset in (("val", 1), ("test", 0)):
+        counts[split] = {}
+        for fam, qs in test_questions(splits[split], seed + offset * 1_000_003).items():
+            _write_jsonl(out / split / f"{fam}.jsonl", qs)
+            counts[split][fam] = len(qs)
     meta = {"format_version": FORMAT_VERSION, "seed": seed, "image_size": image_size,
-            "train": n_train, "test": n_test, "questions": counts}
+            "train": n_train, "val": n_val, "test": n_test, "questions": counts["test"],
+            "val_questions": counts["val"]}
     _write_json(out / "meta.json", meta)
     return meta
 
@@ -451,11 +495,11 @@ def vocabulary_texts() -> list[str]:
     """
     rng = random.Random("htc-vlm-vocab")
     scenes = [sample_scene(rng, f"v{i}", 64) for i in range(400)]
-    texts = [IMAGE_TOKEN, CAPTION_PROMPT, SHORT_ANSWER, MC_SUFFIX, MME_SUFFIX, *POSITIONS, *LETTERS,
+    texts = [IMAGE_TOKEN, CAPTION_PROMPT, SHAPE_CAPTION_PROMPT, SHORT_ANSWER, MC_SUFFIX, MME_SUFFIX, *POSITIONS, *LETTERS,
              *SHAPES, *COLORS, *TEXTURES, *SIZES, "yes no 0 1 2 3 4 5 6 7 8 9 USER ASSISTANT : . , ?"]
     popularity = [f"{c} {s}" for c in COLORS for s in SHAPES]
     for s in scenes:
-        texts.append(s.caption())
+        texts += [s.caption(), s.shape_caption()]
         for rec in train_conversations(s, rng, popularity):
             texts += [turn["value"] for turn in rec["conversations"]]
     for qs in test_questions(scenes, 0).values():

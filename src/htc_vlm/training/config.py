@@ -15,7 +15,7 @@ import yaml
 
 from ..errors import HTCError
 
-STAGES = ("vision", "align", "instruct", "compress")
+STAGES = ("vision", "language", "align", "instruct", "compress")
 PRESET_DIR = Path(__file__).parent / "presets"
 DEEPSPEED_DIR = Path(__file__).parent / "deepspeed"
 
@@ -54,6 +54,10 @@ class DataSpec:
     # One sequence per image holding all its records, each seeing the image block but not the others
     # (exactly as if alone): the image is run once per epoch instead of once per question.
     pack_by_image: bool = False
+    # Validation conversations (same format) whose loss is logged every optim.eval_steps steps, and how
+    # many of their items to use (0: all).
+    val_conversations: str | None = None
+    val_items: int = 0
 
 
 @dataclass
@@ -79,6 +83,13 @@ class OptimSpec:
     # Batches of similar lengths (shuffled in groups of 50 batches): less padding, same samples per epoch.
     group_by_length: bool = False
     dataloader_num_workers: int = 0
+    # Validation loss every eval_steps steps (0: never; needs data.val_conversations). With
+    # stop_when_flat > 0, training ends once the best validation loss of the last flat_window share of
+    # the steps improved by less than that fraction (training/plateau.py); max_steps stays the cap.
+    eval_steps: int = 0
+    stop_when_flat: float = 0.0
+    flat_window: float = 0.2
+    min_steps: int = 0
 
 
 PARTS = {  # names for model.trainable -> parameter-name prefixes
@@ -90,6 +101,7 @@ PARTS = {  # names for model.trainable -> parameter-name prefixes
     "pooler": ("model.visual_pooler.",),
 }
 DEFAULT_TRAINABLE = {  # the paper's recipe (VoCo-LLaMA / LLaVA-1.5); the vision tower stays frozen
+    "language": ("language_model",),
     "align": ("projector",),
     "instruct": ("projector", "language_model"),
     "compress": ("projector", "language_model", "voco", "anchors", "pooler"),
@@ -106,6 +118,12 @@ class TrainConfig:
     optim: OptimSpec = field(default_factory=OptimSpec)
 
     def __post_init__(self):
+        if self.optim.eval_steps and not self.data.val_conversations:
+            raise HTCError("optim.eval_steps needs data.val_conversations (the validation conversations)")
+        if self.optim.stop_when_flat and not self.optim.eval_steps:
+            raise HTCError("optim.stop_when_flat needs optim.eval_steps > 0 (a validation curve to watch)")
+        if not 0 < self.optim.flat_window < 1:
+            raise HTCError(f"optim.flat_window must be between 0 and 1, got {self.optim.flat_window}")
         if self.stage not in STAGES:
             raise HTCError(f"unknown stage {self.stage!r}; stages: {', '.join(STAGES)}")
         for part in self.trainable or ():

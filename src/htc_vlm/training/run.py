@@ -3,6 +3,8 @@
 Stages (``TrainConfig.stage``):
 
 - ``vision``: pre-train the tiny tower by scene attribute prediction (embedded default only).
+- ``language``: the language model alone on text-only records (embedded default only: the analog of
+  the text pre-training a real VLM inherits from Vicuna; see ``data.scenes.text_conversations``).
 - ``align``: the projector only, on captions (LLaVA stage 1), all image tokens visible.
 - ``instruct``: projector + language model on conversations, all image tokens visible (upper bound).
 - ``compress``: from ``instruct`` with a compression option: voco, anchor projector, projector and
@@ -16,6 +18,7 @@ training config beside it.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -30,6 +33,7 @@ from ..io import atomic_dir
 from ..modeling import HTCForConditionalGeneration
 from ..presets import build_config
 from .config import TrainConfig, deepspeed_path
+from .plateau import StopWhenFlat, is_flat, relative_gain, val_curve
 
 MARKER = "COMPLETE"
 
@@ -89,7 +93,9 @@ def training_arguments(cfg: TrainConfig, **extra) -> TrainingArguments:
         save_total_limit=o.save_total_limit, seed=o.seed, data_seed=o.seed,
         dataloader_num_workers=o.dataloader_num_workers, dataloader_pin_memory=not cpu, use_cpu=cpu,
         remove_unused_columns=False, report_to=[], ddp_find_unused_parameters=False,
-        disable_tqdm=not _rank0(), **({"activation_checkpointing": True} if o.gradient_checkpointing else {}), **extra,
+        disable_tqdm=not _rank0(), **({"activation_checkpointing": True} if o.gradient_checkpointing else {}),
+        **({"eval_strategy": "steps", "eval_steps": o.eval_steps, "prediction_loss_only": True,
+            "per_device_eval_batch_size": o.per_device_train_batch_size} if o.eval_steps else {}), **extra,
     )
 
 
@@ -123,9 +129,8 @@ def _load_htc(cfg: TrainConfig, tokenizer) -> HTCForConditionalGeneration:
     if not m.vision_tower:
         raise HTCError("a model built from parts needs model.vision_tower (a pretrained tower folder): "
                        "a language model on a random tower learns to ignore the image")
-    config = build_config(m.arch, tokenizer, **m.overrides())
     tower = AutoModel.from_pretrained(m.vision_tower)
-    config.vision_config = tower.config
+    config = build_config(m.arch, tokenizer, vision_config=tower.config, **m.overrides())
     model = HTCForConditionalGeneration(config)
     model.model.vision_tower.load_state_dict(tower.state_dict())
     if m.language_model:
@@ -160,6 +165,14 @@ def _finish(trainer: Trainer, cfg: TrainConfig, save) -> Path:
         with atomic_dir(out, overwrite=True) as tmp:
             save(tmp)
             (tmp / "train_config.yaml").write_text(cfg.to_yaml())
+            curve = val_curve(trainer.state.log_history)
+            if curve:  # the validation curve, and whether it had flattened (training/plateau.py)
+                o = cfg.optim
+                (tmp / "val_curve.json").write_text(json.dumps({
+                    "steps": [s for s, _ in curve], "val_loss": [v for _, v in curve],
+                    "final_step": trainer.state.global_step, "flat": is_flat(curve, o.stop_when_flat or 0.01, o.flat_window),
+                    "relative_gain_last_window": relative_gain(curve, o.flat_window), "window": o.flat_window,
+                    "tolerance": o.stop_when_flat or 0.01}, indent=1) + "\n")
     trainer.accelerator.wait_for_everyone()
     return out
 
@@ -192,7 +205,7 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> Path:
     model = _load_htc(cfg, tokenizer)
     if cfg.stage == "compress" and model.config.compression == "none":
         raise HTCError("the compress stage needs model.compression = voco, htc, discrete, avgpool or qformer")
-    if cfg.stage in ("align", "instruct") and model.config.compression != "none":
+    if cfg.stage in ("language", "align", "instruct") and model.config.compression != "none":
         raise HTCError(f"the {cfg.stage} stage trains the uncompressed model; set model.compression=none")
     freeze_for_stage(model, cfg)
     features = None
@@ -202,9 +215,20 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> Path:
         if not cfg.data.features:
             raise HTCError(f"compression={model.config.compression!r} needs data.features (a discrete feature store)")
         features = FeatureStore(cfg.data.features, expected_dim=model.config.discrete_dim)
-    data = LlavaDataset(cfg.data.conversations, cfg.data.images, tokenizer, model.config, cfg.data.template,
-                        features, cfg.data.max_length, cfg.data.image_norm, cfg.data.resize, cfg.data.pack_by_image)
-    trainer = HTCTrainer(model=model, args=training_arguments(cfg), train_dataset=data,
+    def dataset(path: str) -> LlavaDataset:
+        d = cfg.data
+        return LlavaDataset(path, d.images, tokenizer, model.config, d.template, features, d.max_length,
+                            d.image_norm, d.resize, d.pack_by_image)
+
+    data = dataset(cfg.data.conversations)
+    val = None
+    if cfg.optim.eval_steps:
+        val = dataset(cfg.data.val_conversations)
+        if cfg.data.val_items:
+            val = torch.utils.data.Subset(val, range(min(cfg.data.val_items, len(val))))
+        if cfg.optim.stop_when_flat:
+            callbacks.append(StopWhenFlat(cfg.optim.stop_when_flat, cfg.optim.flat_window, cfg.optim.min_steps))
+    trainer = HTCTrainer(model=model, args=training_arguments(cfg), train_dataset=data, eval_dataset=val,
                          data_collator=Collator(tokenizer.pad_token_id), processing_class=tokenizer,
                          callbacks=callbacks)
     trainer.train(resume_from_checkpoint=last_checkpoint(cfg.output_dir))

@@ -1,0 +1,97 @@
+"""Does the embedded default's upper bound learn on every seed and every machine?
+
+Trains the base model's align and instruct stages again from a finished run's scenes and vision tower
+(``htc-vlm reproduce`` made them) for each configuration given: a training seed, and a thread count
+(one thread rounds differently from two, as another machine would). Each configuration's open
+accuracy on the validation split and on the test split is printed side by side, with the time taken.
+
+    python benchmarks/base_robustness.py RUN [--seeds 0 1 2] [--one-thread-seed 0] [--out RUN/robustness]
+
+Configurations run one after another (a one-thread configuration uses one thread; the others all the
+machine's). Finished configurations are skipped when run again (each writes ``result.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+STAGES = ("align", "instruct")
+
+
+def _run(cmd: list[str], log: Path, threads: int | None) -> None:
+    env = dict(os.environ)
+    if threads:
+        env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    with open(log, "w") as f:
+        if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode:
+            raise SystemExit(f"failed: {' '.join(cmd)} (log: {log})")
+
+
+def configuration(run: Path, out: Path, seed: int, threads: int | None, preset: dict) -> dict:
+    done = out / "result.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    sc = run / "scenes"
+    common = [f"data.images={sc / 'images'}", f"data.tokenizer={sc / 'tokenizer'}", f"optim.seed={seed}"]
+    t0 = time.perf_counter()
+    _run(["htc-vlm", "train", "--config", "tiny", "stage=align", f"output_dir={out / 'align'}",
+          f"model.vision_tower={run / 'vision' / 'model'}", f"data.conversations={sc / 'train' / 'captions.json'}",
+          f"optim.num_train_epochs={preset['align_epochs']}", *common], out / "align.log", threads)
+    _run(["htc-vlm", "train", "--config", "tiny", "stage=instruct", f"output_dir={out / 'instruct'}",
+          f"model.init={out / 'align' / 'model'}", f"data.conversations={sc / 'train' / 'conversations.json'}",
+          f"optim.num_train_epochs={preset['instruct_epochs']}", *common], out / "instruct.log", threads)
+    train_s = time.perf_counter() - t0
+    scores = {}
+    for split in ("val", "test"):
+        _run(["htc-vlm", "eval", "--model", str(out / "instruct" / "model"), "--method", "upper",
+              "--benchmark", "scenes_open", "--questions", str(sc / split / "open.jsonl"), "--images",
+              str(sc / "images"), "--out", str(out / f"eval-{split}")], out / f"eval-{split}.log", threads)
+        scores[split] = json.loads((out / f"eval-{split}" / "metrics.json").read_text())["scores"]["scenes_open"]
+    result = {"seed": seed, "threads": threads or os.cpu_count(), "val_open": round(scores["val"], 2),
+              "test_open": round(scores["test"], 2), "train_seconds": round(train_s, 1)}
+    done.write_text(json.dumps(result) + "\n")
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run", type=Path, help="a htc-vlm reproduce run folder (scenes and vision stages done)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--one-thread-seed", type=int, nargs="*", default=[0],
+                    help="seeds also trained with one thread (none: --one-thread-seed with no value)")
+    ap.add_argument("--out", type=Path, default=None)
+    a = ap.parse_args(argv)
+    record = json.loads((a.run / "run.json").read_text())
+    for stage in ("scenes", "vision"):
+        if record["stages"].get(stage, {}).get("status") != "done":
+            raise SystemExit(f"{a.run}: the {stage} stage is not done; run htc-vlm reproduce --only {stage} first")
+    out = a.out or a.run / "robustness"
+    configs = [(s, None) for s in a.seeds] + [(s, 1) for s in a.one_thread_seed]
+    console = Console()
+    rows = []
+    for seed, threads in configs:
+        name = f"seed{seed}" + ("-1thread" if threads == 1 else "")
+        console.print(f"{name}: align + instruct + evaluation ...", highlight=False)
+        rows.append(configuration(a.run, out / name, seed, threads, record["preset"]))
+    t = Table("seed", "threads", "val open %", "test open %", "train s", title="upper bound of the embedded default")
+    for r in rows:
+        t.add_row(str(r["seed"]), str(r["threads"]), f"{r['val_open']:.1f}", f"{r['test_open']:.1f}", f"{r['train_seconds']:.0f}")
+    console.print(t)
+    vals = [r["test_open"] for r in rows]
+    console.print(f"test open accuracy over {len(rows)} configurations: min {min(vals):.1f}, max {max(vals):.1f}, "
+                  f"mean {sum(vals) / len(vals):.1f}", highlight=False)
+    (out / "table.json").write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

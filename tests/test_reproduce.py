@@ -68,3 +68,45 @@ def test_report_tables_retention_and_per_template(tmp_path):
     assert results["open_by_template"]["upper bound (every patch token)"] == {"color": 50.0, "count": 100.0}
     assert results["open_by_template"]["upper bound, one-object scenes only"] == {"color": 100.0}
     assert "| eval/voco-b1 | done |" in text
+
+    # Table 1 intervals and the convergence table, from their stages' summaries
+    cell = {"mean": 50.0, "ci95": [47.5, 52.5], "seeds": 3}
+    diff = {"difference": -1.25, "ci95": [-3.0, 0.5], "p_bootstrap": 0.2, "p_sign_flip": 0.25}
+    record["stages"]["table1/intervals"] = {"status": "done", "seeds": [0, 1, 2], "replicates": 2000,
+                                            "cells": {"voco": {"open": cell}}, "htc_minus_voco": {"open": diff}}
+    curve = {"steps": [100, 200, 300], "val_loss": [0.6, 0.5, 0.499], "final_step": 300, "flat": True,
+             "relative_gain_last_window": 0.002, "window": 0.2, "tolerance": 0.01}
+    record["stages"]["train/voco-b1"] = {"status": "done", "val_curve": curve}
+    record["stages"]["train/htc-b1"] = {"status": "done", "val_curve": curve | {"flat": False, "final_step": 3000}}
+    text, results = render(tmp_path, record)
+    assert "| VoCo-LLaMA | 50.0 [47.5, 52.5] |" in text
+    assert "| open | -1.25 | [-3.00, +0.50] | 0.200 | 0.25 |" in text
+    assert "| voco-b1 | 300 | 0.4990 | 0.20% | yes |" in text and "Not flat (stopped by the step cap): htc-b1" in text
+    assert (tmp_path / "val_curves.png").exists()
+
+
+def test_more_seeds_extend_a_run_and_refresh_the_intervals(tmp_path, monkeypatch):
+    """--seeds adds Table 1 runs to an existing run folder (other settings still refused) and marks
+    the per-seed summary stale, so it is computed again over every seed."""
+    import htc_vlm.reproduce as rp
+
+    p1, p3 = rp.get_preset("tiny", False, seeds=1), rp.get_preset("tiny", False, seeds=3)
+    keys = lambda p: {e.key for e in rp.experiments(p) if "table1" in e.groups}  # noqa: E731
+    assert keys(p1) == {f"{m}-b1" for m in rp.TABLE1_METHODS}
+    assert keys(p3) == keys(p1) | {f"{m}-b1-s{s}" for m in rp.TABLE1_METHODS for s in (1, 2)}
+    assert main(["reproduce", "--seeds", "0", "--out", str(tmp_path / "x")]) == 2
+
+    calls = []
+
+    def per_seed(root, preset):
+        calls.append(list(preset.seeds))
+        return {"outputs": "ok", "command": "true", "seeds": list(preset.seeds)}
+
+    monkeypatch.setattr(rp, "stages", lambda p: [rp.Stage("table1/intervals", per_seed, "intervals", "table1",
+                                                          per_seeds=True)])
+    out = tmp_path / "run"
+    assert main(["reproduce", "--quick", "--out", str(out)]) == 0
+    assert main(["reproduce", "--quick", "--out", str(out)]) == 0  # same seeds: done already
+    assert main(["reproduce", "--quick", "--seeds", "2", "--out", str(out)]) == 0  # more seeds: computed again
+    assert calls == [[0], [0, 1]]
+    assert json.loads((out / "run.json").read_text())["preset"]["seeds"] == [0, 1]

@@ -39,7 +39,7 @@ class BenchPreset:
 
 BENCH_PRESETS = {
     "tiny": BenchPreset("tiny", dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                                     image_size=64, patch_size=21),
+                                     image_size=48, patch_size=8),
                         dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                              num_key_value_heads=4, vocab_size=100)),
     # the language model dominates, as at 7B: 12 layers x 768 over 576 patch tokens

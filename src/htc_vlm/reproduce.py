@@ -7,15 +7,16 @@ folder belongs to one preset and one set of options: another preset is refused w
 
 Stages, in order (:func:`stages` lists them for a preset):
 - the base model: ``scenes``, ``vision``, ``tokenizer``, ``features``, ``align``, ``instruct``;
-- ``eval/upper``, ``eval/lower``;
-- per trained method and setting: ``train/<key>`` (the compress stage from the upper bound, a fixed
-  number of steps) then ``eval/<key>``; keys are ``<method>-b<budget>`` plus ``-nd<N_d>``,
+- ``val/upper`` (the base recipe judged on the validation split), ``eval/upper``, ``eval/lower``;
+- per trained method and setting: ``train/<key>`` (the compress stage from the upper bound, until its
+  validation loss is flat) then ``eval/<key>``; keys are ``<method>-b<budget>`` plus ``-nd<N_d>``,
   ``-<fusion>``, ``-isolated`` and ``-s<seed>`` for ablations and seeds;
+- ``table1/intervals``: Table 1 over its seeds with bootstrap intervals and HTC - VoCo, paired;
 - per training-free method and budget: ``eval/<method>-b<budget>`` on the upper-bound model;
 - ``probing`` (Table 3) and ``attention`` (Figure 3); the report is rewritten after every stage.
 
 Budgets: the paper's 192 / 128 / 64 of 576 visual tokens are the fractions 1/3, 2/9, 1/9; with
-the embedded default's 9 patches that is 3, 2 and 1 tokens.
+the embedded default's 36 patches that is 12, 8 and 4 tokens.
 """
 
 from __future__ import annotations

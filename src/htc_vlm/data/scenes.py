@@ -61,7 +61,7 @@ MC_SUFFIX = "Answer with the option's letter from the given choices directly."
 LETTERS = ("A", "B", "C", "D")
 CAPTION_PROMPT = "Describe the image briefly."
 SHAPE_CAPTION_PROMPT = "List the objects by shape."
-FORMAT_VERSION = 2  # 2: a val split, text-only records
+FORMAT_VERSION = 2  # 2: a val split, captions by shape, POPE with the short-answer instruction
 
 # The answer space of each question template: chance = 1 / len(space) for open questions.
 ANSWER_SPACES: dict[str, tuple[str, ...]] = {
@@ -384,24 +384,6 @@ def train_conversations(scene: Scene, rng: random.Random, popularity: list[str])
         for j, q in enumerate(qa)]
 
 
-def text_conversations(scene: Scene, rng: random.Random, popularity: list[str]) -> list[dict]:
-    """The questions of :func:`train_conversations` about the scene written as text (its caption) instead
-    of shown: records with no image, for the language stage.
-
-    Our language model starts from scratch where LLaVA's starts from Vicuna. Finding an object by a word
-    of the question and reading its attribute, or finding the option that holds an answer and saying its
-    letter, is in-context lookup that a from-scratch model learns only after a plateau whose length
-    depends on the seed; learnt once here on short text sequences (cheap), it carries over to images.
-    """
-    records = train_conversations(scene, rng, popularity)
-    for r in records:
-        del r["image"]
-        r["id"] = "text-" + r["id"]
-        turn = r["conversations"][0]
-        turn["value"] = turn["value"].replace(f"{IMAGE_TOKEN}\n", f"{scene.caption()}\n", 1)
-    return records
-
-
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 
 
@@ -430,9 +412,7 @@ def write_benchmark(out: Path, n_train: int, n_test: int, seed: int, image_size:
         train/scenes.jsonl              ground-truth objects per scene (also used by probing)
         train/captions.json             LLaVA stage-1 caption file (alignment)
         train/conversations.json        LLaVA-665k format, one question-answer record each (instruction tuning)
-        train/text.json                 the same kinds of question about the scene given as text, no image
-                                        (the language stage: the analog of the LM's text pre-training)
-        val/scenes.jsonl, val/conversations.json, val/text.json, val/{family}.jsonl
+        val/scenes.jsonl, val/conversations.json, val/{family}.jsonl
                                         the validation split: every recipe choice is made here
         test/scenes.jsonl
         test/{family}.jsonl             question_id, image, text, answer, tag, template, ...
@@ -460,7 +440,6 @@ def write_benchmark(out: Path, n_train: int, n_test: int, seed: int, image_size:
         rng = random.Random(f"htc-vlm-{split}-questions/{seed}")
         scenes = splits[split]
         _write_json(out / split / "conversations.json", [r for s in scenes for r in train_conversations(s, rng, popularity)])
-        _write_json(out / split / "text.json", [r for s in scenes for r in text_conversations(s, rng, popularity)])
     _write_json(out / "train" / "captions.json", [r for s in splits["train"] for r in caption_records(s)])
     counts: dict[str, dict[str, int]] = {}
     for split, offset in (("val", 1), ("test", 0)):

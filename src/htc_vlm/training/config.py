@@ -15,7 +15,7 @@ import yaml
 
 from ..errors import HTCError
 
-STAGES = ("vision", "language", "align", "instruct", "compress")
+STAGES = ("vision", "align", "instruct", "compress")
 PRESET_DIR = Path(__file__).parent / "presets"
 DEEPSPEED_DIR = Path(__file__).parent / "deepspeed"
 
@@ -101,7 +101,6 @@ PARTS = {  # names for model.trainable -> parameter-name prefixes
     "pooler": ("model.visual_pooler.",),
 }
 DEFAULT_TRAINABLE = {  # the paper's recipe (VoCo-LLaMA / LLaVA-1.5); the vision tower stays frozen
-    "language": ("language_model",),
     "align": ("projector",),
     "instruct": ("projector", "language_model"),
     "compress": ("projector", "language_model", "voco", "anchors", "pooler"),

@@ -3,8 +3,6 @@
 Stages (``TrainConfig.stage``):
 
 - ``vision``: pre-train the tiny tower by scene attribute prediction (embedded default only).
-- ``language``: the language model alone on text-only records (embedded default only: the analog of
-  the text pre-training a real VLM inherits from Vicuna; see ``data.scenes.text_conversations``).
 - ``align``: the projector only, on captions (LLaVA stage 1), all image tokens visible.
 - ``instruct``: projector + language model on conversations, all image tokens visible (upper bound).
 - ``compress``: from ``instruct`` with a compression option: voco, anchor projector, projector and
@@ -205,7 +203,7 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> Path:
     model = _load_htc(cfg, tokenizer)
     if cfg.stage == "compress" and model.config.compression == "none":
         raise HTCError("the compress stage needs model.compression = voco, htc, discrete, avgpool or qformer")
-    if cfg.stage in ("language", "align", "instruct") and model.config.compression != "none":
+    if cfg.stage in ("align", "instruct") and model.config.compression != "none":
         raise HTCError(f"the {cfg.stage} stage trains the uncompressed model; set model.compression=none")
     freeze_for_stage(model, cfg)
     features = None

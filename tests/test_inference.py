@@ -66,13 +66,13 @@ def test_bench_measures_side_by_side_and_writes_outputs(tmp_path):
     model = HTCForConditionalGeneration(bench_config("tiny"))
     r = run_bench(model, question_tokens=5, answer_tokens=3, reps=1, questions_per_image=(1, 4))
     per_token = 2 * 4 * 4 * 32 * 4  # k and v, layers, kv heads, head dim, float32 bytes
-    assert r["kv_bytes_per_image"] == {"uncompressed": 9 * per_token, "compressed": per_token, "ratio": 9.0}
+    assert r["kv_bytes_per_image"] == {"uncompressed": 36 * per_token, "compressed": per_token, "ratio": 36.0}
     assert set(r["total_seconds"]) == {"1", "4"} and all(v > 0 for v in r["seconds"].values())
     a = r["analytic_llava_1_5_7b"]
     assert a["kv_bytes_uncompressed"] / a["kv_bytes_compressed"] == 576
     assert a["kv_bytes_uncompressed"] == 576 * 2 * 32 * 32 * 128 * 2
     assert main(["bench", "--preset", "tiny", "--out", str(tmp_path), "--reps", "1", "--answer-tokens", "2"]) == 0
-    assert json.loads((tmp_path / "bench.json").read_text())["kv_bytes_per_image"]["ratio"] == 9.0
+    assert json.loads((tmp_path / "bench.json").read_text())["kv_bytes_per_image"]["ratio"] == 36.0
     assert (tmp_path / "bench.png").exists()
 
 

@@ -110,3 +110,51 @@ def test_more_seeds_extend_a_run_and_refresh_the_intervals(tmp_path, monkeypatch
     assert main(["reproduce", "--quick", "--seeds", "2", "--out", str(out)]) == 0  # more seeds: computed again
     assert calls == [[0], [0, 1]]
     assert json.loads((out / "run.json").read_text())["preset"]["seeds"] == [0, 1]
+
+
+def test_pooled_stages_run_side_by_side_after_their_needs_and_a_failure_stops_the_run(tmp_path, monkeypatch):
+    """--jobs 2: pooled stages run two at a time, each after the stages it needs; the unpooled one runs
+    alone. A failing worker stage is recorded, the others finish, and the run resumes from there."""
+    import contextlib
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import htc_vlm.reproduce as rp
+
+    spans, lock, fail = {}, threading.Lock(), {"c": True}
+
+    def work(name):
+        def run(root, preset):
+            t0 = time.perf_counter()
+            time.sleep(0.3)
+            with lock:
+                spans[name] = (t0, time.perf_counter())
+            if fail.get(name):
+                raise RuntimeError(f"{name} broke")
+            return {"outputs": name, "command": "true"}
+        return run
+
+    todo = [rp.Stage("a", work("a"), "base"),
+            *(rp.Stage(n, work(n), n, needs=("a",), pooled=True) for n in ("b1", "b2", "b3")),
+            rp.Stage("c", work("c"), "c", needs=("b1", "b2"), pooled=True)]
+    monkeypatch.setattr(rp, "stages", lambda p: todo)
+    monkeypatch.setattr(rp, "_make_pool", lambda jobs, threads: ThreadPoolExecutor(jobs))
+    monkeypatch.setattr(rp, "_output_to", lambda log: contextlib.nullcontext())
+    out = tmp_path / "run"
+    assert main(["reproduce", "--quick", "--out", str(out), "--jobs", "2"]) == 2  # c fails: a clear error
+    stages = json.loads((out / "run.json").read_text())["stages"]
+    assert {n: s["status"] for n, s in stages.items()} == {"a": "done", "b1": "done", "b2": "done", "b3": "done",
+                                                           "c": "failed"}
+    assert "RuntimeError: c broke" in stages["c"]["error"]
+    starts = sorted((t0, n) for n, (t0, _) in spans.items())
+    assert starts[0][1] == "a" and all(spans["a"][1] <= spans[n][0] for n in ("b1", "b2", "b3"))
+    for t, _ in starts:  # never more than two at once
+        assert sum(s <= t < e for s, e in spans.values()) <= 2
+    assert spans["b1"][0] < spans["b2"][1] and spans["b2"][0] < spans["b1"][1]  # side by side
+    assert spans["c"][0] >= max(spans["b1"][1], spans["b2"][1])
+    fail["c"] = False
+    spans.clear()
+    assert main(["reproduce", "--quick", "--out", str(out), "--jobs", "2"]) == 0
+    assert set(spans) == {"c"}  # only the failed stage ran again
+    assert main(["reproduce", "--quick", "--out", str(out), "--jobs", "0"]) == 2

@@ -343,11 +343,14 @@ def reproduce(
     quick: Annotated[bool, typer.Option(help="Fewer scenes and steps (the CI smoke run).")] = False,
     only: Annotated[list[str] | None, typer.Option(help="Run only these stages (repeatable).")] = None,
     seeds: Annotated[int | None, typer.Option(help="Train Table 1 with seeds 0..N-1 (default 3); may grow on a finished run.")] = None,
+    jobs: Annotated[int | None, typer.Option(help="Compression runs and evaluations trained side by side, each on "
+                                                   "cores/N threads (default: one per core, at most 8).")] = None,
 ) -> None:
     """Run the paper's pipeline on the embedded default, stage by stage, resuming where it stopped."""
-    from .reproduce import run
+    from .reproduce import default_jobs, run
 
-    run(out, preset=preset, quick=quick, only=only, console=console, seeds=seeds)
+    run(out, preset=preset, quick=quick, only=only, console=console, seeds=seeds,
+        jobs=default_jobs() if jobs is None else jobs)
 
 
 def main(argv: list[str] | None = None) -> int:

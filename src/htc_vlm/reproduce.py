@@ -22,8 +22,11 @@ the embedded default's 36 patches that is 12, 8 and 4 tokens.
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -99,6 +102,10 @@ class Stage:
     help: str
     group: str = "base"
     per_seeds: bool = False  # its result depends on the seed list: run again when --seeds changes it
+    needs: tuple[str, ...] = ()  # stages whose outputs it reads (the scheduler starts it after them)
+    # May run beside other pooled stages in a worker process (``--jobs``). The base model's stages are
+    # not pooled: each runs alone on every core, so the base is the same whatever ``--jobs`` says.
+    pooled: bool = False
 
 
 @dataclass(frozen=True)
@@ -378,40 +385,63 @@ def _stage_attention(root: Path, preset: RunPreset) -> dict:
 
 
 def stages(p: RunPreset) -> list[Stage]:
+    base = ("instruct",)
     out = [
         Stage("scenes", _stage_scenes, "generate the scene benchmark and the embedded tokenizer"),
-        Stage("vision", _stage_vision, "pre-train the tiny vision tower (dense scene attributes)"),
-        Stage("tokenizer", _stage_tokenizer, "train the multi-group VQ tokenizer"),
-        Stage("features", _stage_features, "store the discrete latents q of every image"),
-        Stage("align", _stage_align, "align: projector and the from-scratch LM on captions"),
-        Stage("instruct", _stage_instruct, "instruct: the uncompressed upper bound"),
+        Stage("vision", _stage_vision, "pre-train the tiny vision tower (dense scene attributes)", needs=("scenes",)),
+        Stage("tokenizer", _stage_tokenizer, "train the multi-group VQ tokenizer", needs=("scenes",)),
+        Stage("features", _stage_features, "store the discrete latents q of every image", needs=("tokenizer",)),
+        Stage("align", _stage_align, "align: projector and the from-scratch LM on captions", needs=("vision",)),
+        Stage("instruct", _stage_instruct, "instruct: the uncompressed upper bound", needs=("align",)),
         Stage("val/upper", _eval_stage("val-upper", _upper, "upper", None, split="val"),
-              "the upper bound on the validation split (the base recipe is judged here)"),
-        Stage("eval/upper", _eval_stage("upper", _upper, "upper", None), "evaluate the upper bound", "table1"),
-        Stage("eval/lower", _eval_stage("lower", _upper, "lower", None), "evaluate the lower bound", "table1"),
+              "the upper bound on the validation split (the base recipe is judged here)", needs=base, pooled=True),
+        Stage("eval/upper", _eval_stage("upper", _upper, "upper", None), "evaluate the upper bound", "table1",
+              needs=base, pooled=True),
+        Stage("eval/lower", _eval_stage("lower", _upper, "lower", None), "evaluate the lower bound", "table1",
+              needs=base, pooled=True),
     ]
+    table1_evals = ["eval/upper", "eval/lower"]
     for e in experiments(p):
         group = e.groups[0]
         fams = None if "table1" in e.groups else (lambda pr: pr.table2_families)
-        out.append(Stage(f"train/{e.key}", _train_experiment(e), f"train {e.method} ({e.key})", group))
+        out.append(Stage(f"train/{e.key}", _train_experiment(e), f"train {e.method} ({e.key})", group,
+                         needs=("instruct", "features"), pooled=True))
         out.append(Stage(f"eval/{e.key}", _eval_stage(e.key, lambda r, k=e.key: r / "runs" / k / "model", "model",
-                                                      None, fams), f"evaluate {e.key}", group))
+                                                      None, fams), f"evaluate {e.key}", group,
+                         needs=(f"train/{e.key}", "features"), pooled=True))
+        if "table1" in e.groups:
+            table1_evals.append(f"eval/{e.key}")
     out.append(Stage("table1/intervals", _stage_intervals,
-                     "Table 1 intervals (bootstrap over images and seeds), HTC - VoCo paired", "table1", per_seeds=True))
+                     "Table 1 intervals (bootstrap over images and seeds), HTC - VoCo paired", "table1", per_seeds=True,
+                     needs=tuple(table1_evals), pooled=True))
     for b in p.budgets:
         for m in ("fastv", "pdrop", "sparsevlm", "tome"):
             out.append(Stage(f"eval/{m}-b{b}", _eval_stage(f"{m}-b{b}", _upper, m, b, lambda pr: pr.table2_families),
-                             f"evaluate {m} at budget {b} (training-free)", "table2"))
-    out.append(Stage("probing", _stage_probing, "Table 3: linear probes on z_voco, anchors, patches", "analysis"))
-    out.append(Stage("attention", _stage_attention, "Figure 3: voco attention heatmaps", "analysis"))
+                             f"evaluate {m} at budget {b} (training-free)", "table2", needs=base, pooled=True))
+    analysed = ("train/htc-b1", "train/voco-b1", "features")
+    out.append(Stage("probing", _stage_probing, "Table 3: linear probes on z_voco, anchors, patches", "analysis",
+                     needs=analysed, pooled=True))
+    out.append(Stage("attention", _stage_attention, "Figure 3: voco attention heatmaps", "analysis",
+                     needs=analysed, pooled=True))
     return out
 
 
+def default_jobs() -> int:
+    """Stages run side by side by default: one per core (at most 8), each on one thread. Small models
+    use a core better alone: on 2 cores, two one-thread compression runs train 1.6x the steps per
+    second of one two-thread run (measured in session 5, docs/LOG.md)."""
+    return min(8, _cores())
+
+
 def run(out: Path, preset: str = "tiny", quick: bool = False, only: list[str] | None = None, console=None,
-        seeds: int | None = None) -> dict:
+        seeds: int | None = None, jobs: int = 1) -> dict:
     """Run (or resume) every stage of ``preset`` into ``out``; return the run record. ``seeds`` trains
-    Table 1 with seeds 0..seeds-1 (default: the preset's); it may grow on an existing run."""
+    Table 1 with seeds 0..seeds-1 (default: the preset's); it may grow on an existing run. ``jobs``
+    pooled stages (training and evaluating the compression runs) run at once in worker processes,
+    each on cores // jobs threads; the base model's stages run one at a time on every core."""
     p = get_preset(preset, quick, seeds)
+    if jobs < 1:
+        raise HTCError(f"--jobs must be at least 1, got {jobs}")
     todo = stages(p)
     names = {s.name for s in todo} | {s.group for s in todo}
     for n in only or []:
@@ -435,34 +465,165 @@ def run(out: Path, preset: str = "tiny", quick: bool = False, only: list[str] | 
         state = record["stages"].get(stage.name, {})
         if stage.per_seeds and state.get("status") == "done" and state.get("seeds") != list(p.seeds):
             state["status"] = "stale"
-    t_start, spent = time.perf_counter(), []
-    for i, stage in enumerate(todo, 1):
-        state = record["stages"].get(stage.name, {})
+    number = {s.name: i for i, s in enumerate(todo, 1)}
+    done = lambda name: record["stages"].get(name, {}).get("status") == "done"  # noqa: E731
+    pending = []
+    for stage in todo:
         selected = not only or stage.name in only or stage.group in only
-        if not selected or state.get("status") == "done":
-            _say(console, f"[{i}/{len(todo)}] {stage.name}: {'skipped' if not selected else 'done already'}")
-            continue
-        left = sum(1 for s in todo[i - 1:] if (not only or s.name in only or s.group in only)
-                   and record["stages"].get(s.name, {}).get("status") != "done")
-        eta = f", about {sum(spent) / len(spent) * left / 60:.0f} min left" if spent else ""
-        _say(console, f"[{i}/{len(todo)}] {stage.name}: {stage.help} "
+        if not selected or done(stage.name):
+            _say(console, f"[{number[stage.name]}/{len(todo)}] {stage.name}: {'skipped' if not selected else 'done already'}")
+        else:
+            pending.append(stage)
+    waiting_for = {s.name for s in pending}
+    threads = max(1, _cores() // jobs)
+    t_start, spent = time.perf_counter(), []
+
+    def started(stage: Stage, where: str) -> float:
+        eta = ""
+        if spent:  # rough: the mean stage so far times the stages left, shared by the workers
+            left = len(pending) + len(running)
+            eta = f", about {sum(spent) / len(spent) * left / (jobs if stage.pooled else 1) / 60:.0f} min left"
+        _say(console, f"[{number[stage.name]}/{len(todo)}] {stage.name}: {stage.help}{where} "
                       f"({(time.perf_counter() - t_start) / 60:.1f} min so far{eta})")
-        t0 = time.perf_counter()
-        try:
-            summary = stage.run(out, p)
-        except Exception as e:
-            record["stages"][stage.name] = {"status": "failed", "error": f"{type(e).__name__}: {e}",
-                                            "traceback": traceback.format_exc()}
-            save()
-            write_report(out, record)
-            raise
+        return time.perf_counter()
+
+    def finished(stage: Stage, t0: float, summary: dict, n_threads: int) -> None:
         spent.append(time.perf_counter() - t0)
-        record["stages"][stage.name] = {"status": "done", "seconds": round(spent[-1], 2), **summary}
+        record["stages"][stage.name] = {"status": "done", "seconds": round(spent[-1], 2), "threads": n_threads,
+                                        **summary}
+        waiting_for.discard(stage.name)
         save()
         write_report(out, record)
+        if stage.pooled and jobs > 1:
+            _say(console, f"[{number[stage.name]}/{len(todo)}] {stage.name}: done in {spent[-1]:.0f} s")
+
+    def failed(stage: Stage, error: str, trace: str) -> None:
+        record["stages"][stage.name] = {"status": "failed", "error": error, "traceback": trace}
+        save()
+        write_report(out, record)
+
+    def ready(stage: Stage) -> bool:  # a need not selected in this call is taken as given (--only)
+        return not any(n in waiting_for for n in stage.needs)
+
+    running: dict = {}  # future -> (stage, start time)
+    pool = None
+    error = None
+    try:
+        while pending or running:
+            launched = False
+            for stage in list(pending):
+                if error or not ready(stage):
+                    continue
+                if jobs > 1 and stage.pooled:
+                    if len(running) >= jobs:
+                        break
+                    pool = pool or _make_pool(jobs, threads)
+                    log = out / "logs" / (stage.name.replace("/", "_") + ".log")
+                    t0 = started(stage, f" (worker, {threads} thread{'s' * (threads > 1)}; log {log.relative_to(out)})")
+                    fut = pool.submit(_pooled_stage, str(out), preset, quick, seeds, stage.name, str(log))
+                    running[fut] = (stage, t0)
+                    pending.remove(stage)
+                    launched = True
+                elif not running:  # an unpooled stage runs alone, here
+                    pending.remove(stage)
+                    t0 = started(stage, "")
+                    try:
+                        summary = stage.run(out, p)
+                    except Exception as e:
+                        failed(stage, f"{type(e).__name__}: {e}", traceback.format_exc())
+                        raise
+                    finished(stage, t0, summary, _torch_threads())
+                    launched = True
+                    break  # look again from the top: later stages may be ready now
+                else:
+                    break  # it waits for the workers to finish; so does everything after it
+            if running:
+                from concurrent.futures import FIRST_COMPLETED, wait
+
+                finished_now, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for fut in finished_now:
+                    stage, t0 = running.pop(fut)
+                    ok, payload, trace = fut.result()
+                    if ok:
+                        finished(stage, t0, payload, threads)
+                    else:
+                        failed(stage, payload, trace)
+                        error = error or HTCError(f"stage {stage.name} failed: {payload} "
+                                                  f"(log: {out / 'logs' / (stage.name.replace('/', '_') + '.log')})")
+            elif error:
+                break
+            elif not launched and pending:
+                raise HTCError("stages wait for each other: " + ", ".join(s.name for s in pending))
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    if error:
+        raise error
     write_report(out, record)
     _say(console, f"report: {out / 'report.md'}")
     return record
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _make_pool(jobs: int, threads: int):
+    """Worker processes for pooled stages (spawned: a clean interpreter, no forked thread pools)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                               initargs=(threads,))
+
+
+def _pooled_stage(out: str, preset: str, quick: bool, seeds: int | None, name: str, log: str | None):
+    """Run stage ``name`` of the preset in a worker; (True, summary, "") or (False, error, traceback).
+    The worker's output (progress bars, warnings) goes to ``log``, not over the scheduler's lines."""
+    p = get_preset(preset, quick, seeds)
+    stage = next(s for s in stages(p) if s.name == name)
+    with _output_to(Path(log) if log else None):
+        try:
+            return True, stage.run(Path(out), p), ""
+        except Exception as e:  # noqa: BLE001 -- reported to the scheduler, which records and raises it
+            return False, f"{type(e).__name__}: {e}", traceback.format_exc()
+
+
+@contextmanager
+def _output_to(log: Path | None):
+    """Send this process's stdout and stderr (file descriptors 1 and 2, so C code and progress bars
+    too) to ``log`` for the duration."""
+    if log is None:
+        yield
+        return
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log, "a") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
 
 
 def write_report(out: Path, record: dict) -> None:

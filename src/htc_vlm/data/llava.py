@@ -54,9 +54,12 @@ class PromptBuilder:
 
     def __init__(self, tokenizer, template: ChatTemplate, config: HTCConfig):
         self.tok, self.template, self.config = tokenizer, template, config
+        self._seen: dict[str, list[int]] = {}  # questions and answers repeat across records
 
     def _ids(self, text: str) -> list[int]:
-        return self.tok(text, add_special_tokens=False)["input_ids"] if text else []
+        if text not in self._seen:
+            self._seen[text] = self.tok(text, add_special_tokens=False)["input_ids"] if text else []
+        return list(self._seen[text])
 
     def prefix_ids(self) -> list[int]:
         """The question-independent text before the image block (cached with it)."""
@@ -134,10 +137,12 @@ class LlavaDataset(Dataset):
         needs_q = config.compression in ("htc", "discrete")
         if needs_q and features is None:
             raise HTCError(f"compression={config.compression!r} needs a discrete feature store (data.features)")
+        found: set[str] = set()
         for i, rec in enumerate(self.records):
             name = f"{rec.get('id', i)!r} (record {i} of {json_path})"
             check_record(rec, name)
-            if "image" in rec:
+            if "image" in rec and rec["image"] not in found:
+                found.add(rec["image"])
                 if not (self.images / rec["image"]).is_file():
                     raise HTCError(f"sample {name}: image file {self.images / rec['image']} not found")
                 if needs_q and rec["image"] not in features:

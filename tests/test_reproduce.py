@@ -157,4 +157,16 @@ def test_pooled_stages_run_side_by_side_after_their_needs_and_a_failure_stops_th
     spans.clear()
     assert main(["reproduce", "--quick", "--out", str(out), "--jobs", "2"]) == 0
     assert set(spans) == {"c"}  # only the failed stage ran again
+    record = json.loads((out / "run.json").read_text())
+    assert [c["jobs"] for c in record["calls"]] == [2, 2] and all(c["wall_s"] > 0.25 for c in record["calls"])
+    assert record["stages"]["b1"]["threads"] >= 1 and "over 2 call(s) of `htc-vlm reproduce` (--jobs 2)" in (out / "report.md").read_text()
     assert main(["reproduce", "--quick", "--out", str(out), "--jobs", "0"]) == 2
+
+
+def test_a_broken_run_record_is_one_clear_error(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    for text in ("{not json", "[1, 2]", '{"preset": {}}', "\xff\xfe"):
+        (out / "run.json").write_bytes(text.encode("latin-1"))
+        assert main(["reproduce", "--quick", "--out", str(out), "--only", "scenes"]) == 2
+        assert "is not a run record" in capsys.readouterr().err

@@ -232,17 +232,21 @@ def render(out: Path, record: dict) -> tuple[str, dict]:
 
     lines += ["## Provenance", "", "Every table cell above comes from the `eval/<key>` stage of its row; the model "
               "it evaluated and the command that reproduces it are listed here.", "",
-              "| stage | status | seconds | outputs | command |", "|---|---|---|---|---|"]
+              "| stage | status | seconds | threads | outputs | command |", "|---|---|---|---|---|---|"]
     for k, s in record["stages"].items():
         if s["status"] == "done":
-            lines.append(f"| {k} | done | {s.get('seconds', '')} | {s.get('outputs', '')} | `{s.get('command', '')}` |")
+            lines.append(f"| {k} | done | {s.get('seconds', '')} | {s.get('threads', '')} | {s.get('outputs', '')} "
+                         f"| `{s.get('command', '')}` |")
         else:
-            lines.append(f"| {k} | failed: {s['error']} | | | |")
+            lines.append(f"| {k} | {s['status']}: {s.get('error', '')} | | | | |")
     tok = _done(record, "tokenizer")
     if tok:
         lines += ["", f"Tokenizer: held-out PSNR {tok['psnr_db']} dB, min codebook usage {tok['min_codebook_usage']}."]
     total = sum(s.get("seconds", 0) for s in record["stages"].values())
-    lines += ["", f"Total stage time: {total / 60:.1f} min."]
+    calls = record.get("calls", [])
+    wall = (f"; wall time {sum(c['wall_s'] for c in calls) / 60:.1f} min over {len(calls)} call(s) of "
+            f"`htc-vlm reproduce` (--jobs {', '.join(sorted({str(c['jobs']) for c in calls}))})") if calls else ""
+    lines += ["", f"Total stage time: {total / 60:.1f} min{wall}."]
     return "\n".join(lines) + "\n", results
 
 

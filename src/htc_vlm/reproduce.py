@@ -170,6 +170,7 @@ def _train(root: Path, preset: RunPreset, stage: str, out: str, *extra: str, met
            budget: int = 1) -> dict:
     from .methods import get_method
     from .training.config import load_config
+    from .training.plateau import FLAT_TOLERANCE
     from .training.run import train
 
     sc = root / "scenes"
@@ -233,7 +234,7 @@ def _train_experiment(e: Experiment) -> Callable:
                          f"data.val_conversations={sc / 'val' / 'conversations.json'}",
                          f"data.val_items={preset.compress_val_items}",
                          f"optim.max_steps={preset.compress_max_steps}", f"optim.eval_steps={preset.compress_eval_steps}",
-                         "optim.stop_when_flat=0.01", f"optim.min_steps={preset.compress_min_steps}",
+                         f"optim.stop_when_flat={FLAT_TOLERANCE}", f"optim.min_steps={preset.compress_min_steps}",
                          f"optim.seed={e.seed}", *e.extra, method=e.method, budget=e.budget)
         curve = json.loads((Path(summary["outputs"]) / "val_curve.json").read_text())
         return summary | {"val_curve": curve}
@@ -301,13 +302,10 @@ def _upper(root: Path) -> Path:
 
 def _predictions(root: Path, key: str, family: str) -> tuple[str, list[dict], dict[str, str]]:
     """(benchmark, question rows as scored, predictions) of one finished evaluation stage."""
-    from .evaluation.runner import _read_predictions, read_questions
-    from .evaluation.scorers.mcq import rotations
+    from .evaluation.runner import _read_predictions, scored_rows
 
     bench = FAMILY_BENCHMARKS[family]
-    rows = read_questions(root / "scenes" / "test" / f"{family}.jsonl")
-    if bench == "mmbench":
-        rows = [r for row in rows for r in rotations(row)]
+    rows = scored_rows(bench, root / "scenes" / "test" / f"{family}.jsonl")
     return bench, rows, _read_predictions(root / "eval" / key / family / "predictions.jsonl", bench)
 
 
@@ -318,15 +316,13 @@ def _stage_intervals(root: Path, preset: RunPreset) -> dict:
 
     keys = {"upper": ["upper"], "lower": ["lower"]} | {m: [seed_key(m, s, preset) for s in preset.seeds]
                                                         for m in TABLE1_METHODS}
-    stats: dict[str, dict[str, list]] = {m: {} for m in keys}
-    for m, runs in keys.items():
-        for family in FAMILY_BENCHMARKS:
-            stats[m][family] = [image_statistics(*_predictions(root, k, family)) for k in runs]
+    read = {(k, f): _predictions(root, k, f) for runs in keys.values() for k in runs for f in FAMILY_BENCHMARKS}
+    stats = {m: {f: [image_statistics(*read[k, f]) for k in runs] for f in FAMILY_BENCHMARKS} for m, runs in keys.items()}
     cells = {m: {f: interval(v).to_dict() for f, v in fams.items()} for m, fams in stats.items()}
     diff = {f: paired_difference(stats["htc"][f], stats["voco"][f]) for f in FAMILY_BENCHMARKS}
 
     def per_question(m):  # open accuracy per question, averaged over the method's seeds
-        got = [_predictions(root, k, "open") for k in keys[m]]
+        got = [read[k, "open"] for k in keys[m]]
         rows = got[0][1]
         return {r["question_id"]: sum(accuracy(p[r["question_id"]], [r["answer"]]) for _, _, p in got) / len(got)
                 for r in rows}
@@ -451,7 +447,13 @@ def run(out: Path, preset: str = "tiny", quick: bool = False, only: list[str] | 
     out.mkdir(parents=True, exist_ok=True)
     record_path = out / "run.json"
     this = json.loads(json.dumps(asdict(p)))
-    record = json.loads(record_path.read_text()) if record_path.exists() else {"preset": this, "stages": {}}
+    try:
+        record = json.loads(record_path.read_text()) if record_path.exists() else {"preset": this, "stages": {}}
+    except (ValueError, UnicodeDecodeError) as e:
+        record = {"error": str(e)}
+    if not (isinstance(record, dict) and isinstance(record.get("preset"), dict) and isinstance(record.get("stages"), dict)):
+        raise HTCError(f"{record_path} is not a run record (broken JSON or wrong layout); "
+                       f"move it away to start this run folder afresh")
     fixed = lambda d: {k: v for k, v in d.items() if k not in EXTENSIBLE}  # noqa: E731
     if fixed(record["preset"]) != fixed(this):
         raise HTCError(f"{out} holds a run of preset {record['preset']['name']!r} with other settings; "
@@ -489,6 +491,7 @@ def run(out: Path, preset: str = "tiny", quick: bool = False, only: list[str] | 
 
     def finished(stage: Stage, t0: float, summary: dict, n_threads: int) -> None:
         spent.append(time.perf_counter() - t0)
+        call["wall_s"] = round(time.perf_counter() - t_start, 2)
         record["stages"][stage.name] = {"status": "done", "seconds": round(spent[-1], 2), "threads": n_threads,
                                         **summary}
         waiting_for.discard(stage.name)
@@ -498,6 +501,7 @@ def run(out: Path, preset: str = "tiny", quick: bool = False, only: list[str] | 
             _say(console, f"[{number[stage.name]}/{len(todo)}] {stage.name}: done in {spent[-1]:.0f} s")
 
     def failed(stage: Stage, error: str, trace: str) -> None:
+        call["wall_s"] = round(time.perf_counter() - t_start, 2)
         record["stages"][stage.name] = {"status": "failed", "error": error, "traceback": trace}
         save()
         write_report(out, record)
@@ -505,6 +509,9 @@ def run(out: Path, preset: str = "tiny", quick: bool = False, only: list[str] | 
     def ready(stage: Stage) -> bool:  # a need not selected in this call is taken as given (--only)
         return not any(n in waiting_for for n in stage.needs)
 
+    call = {"jobs": jobs, "wall_s": 0.0}  # this call's wall time, kept up to date for the report
+    if pending:
+        record.setdefault("calls", []).append(call)
     running: dict = {}  # future -> (stage, start time)
     pool = None
     error = None
@@ -543,7 +550,10 @@ def run(out: Path, preset: str = "tiny", quick: bool = False, only: list[str] | 
                 finished_now, _ = wait(list(running), return_when=FIRST_COMPLETED)
                 for fut in finished_now:
                     stage, t0 = running.pop(fut)
-                    ok, payload, trace = fut.result()
+                    try:
+                        ok, payload, trace = fut.result()
+                    except Exception as e:  # noqa: BLE001 -- the worker died (killed, out of memory)
+                        ok, payload, trace = False, f"the worker process died: {type(e).__name__}: {e}", ""
                     if ok:
                         finished(stage, t0, payload, threads)
                     else:

@@ -110,14 +110,19 @@ def answer_by_likelihood(model, tokenizer, rows: list[dict], source: ImageEncode
     return out
 
 
+def scored_rows(benchmark: str, questions_file: str | Path) -> list[dict]:
+    """The question rows as the benchmark scores them: MMBench's circular evaluation asks every
+    question once per rotation of its options."""
+    rows = read_questions(questions_file)
+    return [r for row in rows for r in rotations(row)] if get_benchmark(benchmark).name == "mmbench" else rows
+
+
 def run_eval(model, tokenizer, benchmark: str, questions_file: str | Path, images: str | Path, out: str | Path,
              method: str = "model", features=None, template: str = "plain", batch_size: int = 32,
              max_new_tokens: int = 8, likelihood: bool = False, image_norm: str = "half", resize: bool = False,
              progress=None, model_name: str = "") -> dict:
     bench = get_benchmark(benchmark)
-    rows = read_questions(questions_file)
-    if bench.name == "mmbench":
-        rows = [r for row in rows for r in rotations(row)]
+    rows = scored_rows(benchmark, questions_file)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pred_path = out / "predictions.jsonl"

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from transformers import TrainerCallback
 
+FLAT_TOLERANCE = 0.01  # the issue's rule: less than 1% relative improvement over the last 20% of the steps
+
 
 def val_curve(log_history: list[dict]) -> list[tuple[int, float]]:
     """(step, validation loss) pairs from a Trainer's ``state.log_history``."""
@@ -30,7 +32,7 @@ def relative_gain(curve: list[tuple[int, float]], window: float) -> float | None
     return (best_before - best_now) / best_before
 
 
-def is_flat(curve: list[tuple[int, float]], tolerance: float = 0.01, window: float = 0.2) -> bool:
+def is_flat(curve: list[tuple[int, float]], tolerance: float = FLAT_TOLERANCE, window: float = 0.2) -> bool:
     gain = relative_gain(curve, window)
     return gain is not None and gain < tolerance
 

@@ -31,7 +31,7 @@ from ..io import atomic_dir
 from ..modeling import HTCForConditionalGeneration
 from ..presets import build_config
 from .config import TrainConfig, deepspeed_path
-from .plateau import StopWhenFlat, is_flat, relative_gain, val_curve
+from .plateau import FLAT_TOLERANCE, StopWhenFlat, is_flat, relative_gain, val_curve
 
 MARKER = "COMPLETE"
 
@@ -168,9 +168,9 @@ def _finish(trainer: Trainer, cfg: TrainConfig, save) -> Path:
                 o = cfg.optim
                 (tmp / "val_curve.json").write_text(json.dumps({
                     "steps": [s for s, _ in curve], "val_loss": [v for _, v in curve],
-                    "final_step": trainer.state.global_step, "flat": is_flat(curve, o.stop_when_flat or 0.01, o.flat_window),
+                    "final_step": trainer.state.global_step, "flat": is_flat(curve, o.stop_when_flat or FLAT_TOLERANCE, o.flat_window),
                     "relative_gain_last_window": relative_gain(curve, o.flat_window), "window": o.flat_window,
-                    "tolerance": o.stop_when_flat or 0.01}, indent=1) + "\n")
+                    "tolerance": o.stop_when_flat or FLAT_TOLERANCE}, indent=1) + "\n")
     trainer.accelerator.wait_for_everyone()
     return out
 

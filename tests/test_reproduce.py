@@ -170,3 +170,26 @@ def test_a_broken_run_record_is_one_clear_error(tmp_path, capsys):
         (out / "run.json").write_bytes(text.encode("latin-1"))
         assert main(["reproduce", "--quick", "--out", str(out), "--only", "scenes"]) == 2
         assert "is not a run record" in capsys.readouterr().err
+
+
+def test_a_dead_worker_fails_its_stage_with_the_reason(tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    import htc_vlm.reproduce as rp
+
+    def ok(root, preset):
+        return {"outputs": "ok", "command": "true"}
+
+    def died(*args):
+        raise BrokenProcessPool("a child process terminated abruptly")
+
+    monkeypatch.setattr(rp, "stages", lambda p: [rp.Stage("a", ok, "base"),
+                                                 rp.Stage("w", ok, "pooled", needs=("a",), pooled=True)])
+    monkeypatch.setattr(rp, "_make_pool", lambda jobs, threads: ThreadPoolExecutor(jobs))
+    monkeypatch.setattr(rp, "_pooled_stage", died)
+    out = tmp_path / "run"
+    assert main(["reproduce", "--quick", "--out", str(out), "--jobs", "2"]) == 2
+    stages = json.loads((out / "run.json").read_text())["stages"]
+    assert stages["a"]["status"] == "done" and stages["w"]["status"] == "failed"
+    assert "the worker process died: BrokenProcessPool" in stages["w"]["error"]

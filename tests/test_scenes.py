@@ -135,6 +135,8 @@ def test_png_decodes(scenes_dir):
     (["--train", "0"], "must be positive"),
     (["--test", "-3"], "must be positive"),
     (["--size", "8"], "at least 24"),
+    (["--mme-pairs", "7"], "--mme-pairs must be 1-6"),
+    (["--mc-questions", "0"], "--mc-questions 1-4"),
 ])
 def test_cli_bad_numbers(tmp_path, capsys, args, message):
     out = tmp_path / "o"
@@ -162,3 +164,20 @@ def test_cli_unwritable_and_unknown_option(tmp_path, capsys):
     assert "cannot write" in capsys.readouterr().err
     assert main(["data", "scenes", "--out", str(tmp_path / "o"), "--frobnicate", "1"]) == 2
     assert main(["no-such-command"]) == 2
+
+
+def test_more_verification_and_mc_questions_per_image():
+    """--mme-pairs / --mc-questions: that many MME pairs (distinct sub-tasks, one true one false) and
+    MC questions (distinct kinds) per training image; the other questions are drawn as before."""
+    import random
+
+    scenes = S.sample_scenes("train", 30, 0, 48)
+    for scene in scenes:
+        recs = S.train_conversations(scene, random.Random(scene.id), [], mme_pairs=3, mc_questions=2)
+        qs = [(r["conversations"][0]["value"], r["conversations"][1]["value"]) for r in recs]
+        mme = [(q, a) for q, a in qs if q.endswith(S.MME_SUFFIX)]
+        mc = [q for q, _ in qs if q.endswith(S.MC_SUFFIX)]
+        assert len(mme) == 6 and sorted(a for _, a in mme) == ["no"] * 3 + ["yes"] * 3
+        assert len(mc) == 2 and len({tuple(q.split("\n")[1].split()[:2]) for q in mc}) == 2  # two kinds
+        one = S.train_conversations(scene, random.Random(scene.id), [])
+        assert len(recs) - len(one) == 4 + 1  # two more pairs, one more MC question

@@ -32,6 +32,8 @@ def data_scenes(
     val: Annotated[int, typer.Option(help="Number of validation scenes (every recipe choice is made on them).")] = 200,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed writes the same bytes.")] = 0,
     size: Annotated[int, typer.Option(help="Image side in pixels (48 for the tiny preset, 336 for CLIP-L/336).")] = 48,
+    mme_pairs: Annotated[int, typer.Option(help="MME-style yes/no pairs per training image (distinct sub-tasks, 1-6).")] = 1,
+    mc_questions: Annotated[int, typer.Option(help="Multiple-choice questions per training image (distinct kinds, 1-4).")] = 1,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
 ) -> None:
     """Write the scene benchmark: images, LLaVA training files, per-family test questions, tokenizer."""
@@ -41,7 +43,8 @@ def data_scenes(
 
     with atomic_dir(out, overwrite) as tmp, progress_bar() as bar:
         task = bar.add_task("rendering scenes", total=train + val + test)
-        meta = write_benchmark(tmp, train, test, seed, size, progress=lambda: bar.advance(task), n_val=val)
+        meta = write_benchmark(tmp, train, test, seed, size, progress=lambda: bar.advance(task), n_val=val,
+                               mme_pairs=mme_pairs, mc_questions=mc_questions)
         save_tokenizer(tmp / "tokenizer")
     console.print(f"wrote {train} train, {val} val and {test} test scenes to {out}: " +
                   ", ".join(f"{k} {v}" for k, v in meta["questions"].items()))

@@ -361,7 +361,8 @@ def test_questions(scenes: list[Scene], seed: int, open_per_image: int = 4) -> d
     return families
 
 
-def train_conversations(scene: Scene, rng: random.Random, popularity: list[str]) -> list[dict]:
+def train_conversations(scene: Scene, rng: random.Random, popularity: list[str], mme_pairs: int = 1,
+                        mc_questions: int = 1) -> list[dict]:
     """LLaVA-format records for one training image: one question-answer pair each, mixing every
     family's question kinds (several records may share an image, as in LLaVA-665k).
 
@@ -369,6 +370,9 @@ def train_conversations(scene: Scene, rng: random.Random, popularity: list[str])
     earlier answers give later ones away ("Is the diamond small? yes" before "What size is the
     diamond?"), and a tiny model trained that way learned the text shortcuts instead of the image
     (counting 0.62 after 6 multi-turn epochs, 1.00 after 1 single-turn epoch).
+
+    ``mme_pairs`` MME pairs (of distinct sub-tasks) and ``mc_questions`` MC questions (of distinct
+    kinds) per image; more of them teach verification (docs/LOG.md, session 5).
     """
     qa = list(_open_questions(scene, rng).values())
     # POPE is asked with LLaVA's short-answer instruction (the evaluator appends it, as LLaVA's
@@ -376,8 +380,11 @@ def train_conversations(scene: Scene, rng: random.Random, popularity: list[str])
     # only in a form it had never seen, and some were answered with a letter.
     qa += [q | {"text": f"{q['text']} {SHORT_ANSWER}"}
            for q in _pope_questions(scene, rng, rng.choice(POPE_SPLITS), popularity)[:2]]
-    qa += _mme_pair(scene, rng, rng.choice(MME_SUBTASKS))
-    qa.append(_mc_question(scene, rng, rng.choice(MC_KINDS)))
+    # one of each: rng.choice, as before these options, so the default files keep their bytes
+    for sub in [rng.choice(MME_SUBTASKS)] if mme_pairs == 1 else rng.sample(MME_SUBTASKS, mme_pairs):
+        qa += _mme_pair(scene, rng, sub)
+    for kind in [rng.choice(MC_KINDS)] if mc_questions == 1 else rng.sample(MC_KINDS, mc_questions):
+        qa.append(_mc_question(scene, rng, kind))
     rng.shuffle(qa)
     return [{"id": f"{scene.id}-{j:02d}", "image": scene.image, "conversations": [
         {"from": "human", "value": f"{IMAGE_TOKEN}\n" + q["text"]}, {"from": "gpt", "value": q["answer"]}]}
@@ -402,7 +409,7 @@ def png_bytes(img: Image.Image) -> bytes:
 
 
 def write_benchmark(out: Path, n_train: int, n_test: int, seed: int, image_size: int, progress=None,
-                    n_val: int = 200) -> dict:
+                    n_val: int = 200, mme_pairs: int = 1, mc_questions: int = 1) -> dict:
     """Write the benchmark into ``out`` (which must exist and be empty). Returns ``meta``.
 
     Layout::
@@ -423,6 +430,9 @@ def write_benchmark(out: Path, n_train: int, n_test: int, seed: int, image_size:
         raise HTCError(f"--train, --val and --test must be positive, got {n_train}, {n_val} and {n_test}")
     if image_size < 24:
         raise HTCError(f"--size must be at least 24 pixels, got {image_size}")
+    if not (1 <= mme_pairs <= len(MME_SUBTASKS) and 1 <= mc_questions <= len(MC_KINDS)):
+        raise HTCError(f"--mme-pairs must be 1-{len(MME_SUBTASKS)} and --mc-questions 1-{len(MC_KINDS)}, "
+                       f"got {mme_pairs} and {mc_questions}")
     (out / "images").mkdir()
     splits = {"train": sample_scenes("train", n_train, seed, image_size),
               "val": sample_scenes("val", n_val, seed, image_size),
@@ -439,7 +449,8 @@ def write_benchmark(out: Path, n_train: int, n_test: int, seed: int, image_size:
     for split in ("train", "val"):
         rng = random.Random(f"htc-vlm-{split}-questions/{seed}")
         scenes = splits[split]
-        _write_json(out / split / "conversations.json", [r for s in scenes for r in train_conversations(s, rng, popularity)])
+        _write_json(out / split / "conversations.json",
+                    [r for s in scenes for r in train_conversations(s, rng, popularity, mme_pairs, mc_questions)])
     _write_json(out / "train" / "captions.json", [r for s in splits["train"] for r in caption_records(s)])
     counts: dict[str, dict[str, int]] = {}
     for split, offset in (("val", 1), ("test", 0)):
@@ -447,7 +458,8 @@ def write_benchmark(out: Path, n_train: int, n_test: int, seed: int, image_size:
         for fam, qs in test_questions(splits[split], seed + offset * 1_000_003).items():
             _write_jsonl(out / split / f"{fam}.jsonl", qs)
             counts[split][fam] = len(qs)
-    meta = {"format_version": FORMAT_VERSION, "seed": seed, "image_size": image_size,
+    meta = {"format_version": FORMAT_VERSION, "seed": seed, "image_size": image_size, "mme_pairs": mme_pairs,
+            "mc_questions": mc_questions,
             "train": n_train, "val": n_val, "test": n_test, "questions": counts["test"],
             "val_questions": counts["val"]}
     _write_json(out / "meta.json", meta)

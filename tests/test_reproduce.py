@@ -193,3 +193,27 @@ def test_a_dead_worker_fails_its_stage_with_the_reason(tmp_path, monkeypatch):
     stages = json.loads((out / "run.json").read_text())["stages"]
     assert stages["a"]["status"] == "done" and stages["w"]["status"] == "failed"
     assert "the worker process died: BrokenProcessPool" in stages["w"]["error"]
+
+
+def test_a_compression_stage_asks_for_a_converged_run(tmp_path, monkeypatch):
+    """train/<key> passes the convergence settings of the preset to the compress stage and returns
+    the run's validation curve (no training here: _train is replaced)."""
+    import htc_vlm.reproduce as rp
+
+    seen = {}
+
+    def fake_train(root, preset, stage, out, *extra, method=None, budget=1):
+        seen.update(stage=stage, out=out, extra=extra, method=method)
+        (tmp_path / "model").mkdir()
+        (tmp_path / "model" / "val_curve.json").write_text('{"steps": [100], "val_loss": [0.5]}')
+        return {"outputs": str(tmp_path / "model"), "command": "c"}
+
+    monkeypatch.setattr(rp, "_train", fake_train)
+    p = rp.get_preset("tiny", False)
+    e = next(x for x in rp.experiments(p) if x.key == "htc-b1-s1")
+    summary = rp._train_experiment(e)(tmp_path, p)
+    assert seen["stage"] == "compress" and seen["method"] == "htc" and seen["out"] == "runs/htc-b1-s1"
+    for want in ("optim.stop_when_flat=0.01", f"optim.min_steps={p.compress_min_steps}",
+                 f"optim.max_steps={p.compress_max_steps}", "optim.seed=1"):
+        assert want in seen["extra"]
+    assert summary["val_curve"]["val_loss"] == [0.5]

@@ -226,7 +226,7 @@ def render(out: Path, record: dict) -> tuple[str, dict]:
 
     at = _done(record, "attention")
     if at:
-        lines += ["## Figure 3 analog: voco attention", "", f"![voco attention](attention.png)", "",
+        lines += ["## Figure 3 analog: voco attention", "", "![voco attention](attention.png)", "",
                   f"{at['caption']}. HTC's voco token gives {100 * at['anchor_share']:.1f}% of its image-block "
                   f"attention to the anchors.", ""]
 

@@ -170,7 +170,6 @@ def _train(root: Path, preset: RunPreset, stage: str, out: str, *extra: str, met
            budget: int = 1) -> dict:
     from .methods import get_method
     from .training.config import load_config
-    from .training.plateau import FLAT_TOLERANCE
     from .training.run import train
 
     sc = root / "scenes"
@@ -228,6 +227,8 @@ def _stage_instruct(root: Path, preset: RunPreset) -> dict:
 
 def _train_experiment(e: Experiment) -> Callable:
     def run(root: Path, preset: RunPreset) -> dict:
+        from .training.plateau import FLAT_TOLERANCE
+
         sc = root / "scenes"
         summary = _train(root, preset, "compress", f"runs/{e.key}", f"model.init={root / 'instruct' / 'model'}",
                          f"data.conversations={sc / 'train' / 'conversations.json'}",

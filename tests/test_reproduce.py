@@ -112,7 +112,7 @@ def test_more_seeds_extend_a_run_and_refresh_the_intervals(tmp_path, monkeypatch
     assert json.loads((out / "run.json").read_text())["preset"]["seeds"] == [0, 1]
 
 
-def test_pooled_stages_run_side_by_side_after_their_needs_and_a_failure_stops_the_run(tmp_path, monkeypatch):
+def test_pooled_stages_run_side_by_side_after_their_needs_and_a_failure_stops_the_run(tmp_path, monkeypatch, capsys):
     """--jobs 2: pooled stages run two at a time, each after the stages it needs; the unpooled one runs
     alone. A failing worker stage is recorded, the others finish, and the run resumes from there."""
     import contextlib
@@ -147,6 +147,7 @@ def test_pooled_stages_run_side_by_side_after_their_needs_and_a_failure_stops_th
     assert {n: s["status"] for n, s in stages.items()} == {"a": "done", "b1": "done", "b2": "done", "b3": "done",
                                                            "c": "failed"}
     assert "RuntimeError: c broke" in stages["c"]["error"]
+    assert f"(log: {out / 'logs' / 'c.log'})" in capsys.readouterr().err  # the error names the worker's log
     starts = sorted((t0, n) for n, (t0, _) in spans.items())
     assert starts[0][1] == "a" and all(spans["a"][1] <= spans[n][0] for n in ("b1", "b2", "b3"))
     for t, _ in starts:  # never more than two at once
@@ -161,6 +162,22 @@ def test_pooled_stages_run_side_by_side_after_their_needs_and_a_failure_stops_th
     assert [c["jobs"] for c in record["calls"]] == [2, 2] and all(c["wall_s"] > 0.25 for c in record["calls"])
     assert record["stages"]["b1"]["threads"] >= 1 and "over 2 call(s) of `htc-vlm reproduce` (--jobs 2)" in (out / "report.md").read_text()
     assert main(["reproduce", "--quick", "--out", str(out), "--jobs", "0"]) == 2
+
+
+def test_a_worker_output_goes_to_its_log_and_the_terminal_comes_back(tmp_path):
+    """In a fresh interpreter, as in a spawned worker: Python and C-level output (fds 1 and 2) go to
+    the log inside the block, and to the terminal again after it."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "logs" / "w.log"
+    script = ("import os, sys\nfrom pathlib import Path\nfrom htc_vlm.reproduce import _output_to\n"
+              f"with _output_to(Path({str(log)!r})):\n"
+              "    print('from python')\n    print('to stderr', file=sys.stderr)\n    os.write(1, b'from C\\n')\n"
+              "print('back')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert sorted(log.read_text().splitlines()) == ["from C", "from python", "to stderr"]
+    assert done.stdout == "back\n" and done.stderr == ""
 
 
 def test_a_broken_run_record_is_one_clear_error(tmp_path, capsys):

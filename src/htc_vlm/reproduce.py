@@ -513,7 +513,7 @@ def run(out: Path, preset: str = "tiny", quick: bool = False, only: list[str] | 
     call = {"jobs": jobs, "wall_s": 0.0}  # this call's wall time, kept up to date for the report
     if pending:
         record.setdefault("calls", []).append(call)
-    running: dict = {}  # future -> (stage, start time)
+    running: dict = {}  # future -> (stage, start time, log file)
     pool = None
     error = None
     try:
@@ -529,7 +529,7 @@ def run(out: Path, preset: str = "tiny", quick: bool = False, only: list[str] | 
                     log = out / "logs" / (stage.name.replace("/", "_") + ".log")
                     t0 = started(stage, f" (worker, {threads} thread{'s' * (threads > 1)}; log {log.relative_to(out)})")
                     fut = pool.submit(_pooled_stage, str(out), preset, quick, seeds, stage.name, str(log))
-                    running[fut] = (stage, t0)
+                    running[fut] = (stage, t0, log)
                     pending.remove(stage)
                     launched = True
                 elif not running:  # an unpooled stage runs alone, here
@@ -550,7 +550,7 @@ def run(out: Path, preset: str = "tiny", quick: bool = False, only: list[str] | 
 
                 finished_now, _ = wait(list(running), return_when=FIRST_COMPLETED)
                 for fut in finished_now:
-                    stage, t0 = running.pop(fut)
+                    stage, t0, log = running.pop(fut)
                     try:
                         ok, payload, trace = fut.result()
                     except Exception as e:  # noqa: BLE001 -- the worker died (killed, out of memory)
@@ -559,8 +559,7 @@ def run(out: Path, preset: str = "tiny", quick: bool = False, only: list[str] | 
                         finished(stage, t0, payload, threads)
                     else:
                         failed(stage, payload, trace)
-                        error = error or HTCError(f"stage {stage.name} failed: {payload} "
-                                                  f"(log: {out / 'logs' / (stage.name.replace('/', '_') + '.log')})")
+                        error = error or HTCError(f"stage {stage.name} failed: {payload} (log: {log})")
             elif error:
                 break
             elif not launched and pending:
@@ -600,12 +599,12 @@ def _make_pool(jobs: int, threads: int):
                                initargs=(threads,))
 
 
-def _pooled_stage(out: str, preset: str, quick: bool, seeds: int | None, name: str, log: str | None):
+def _pooled_stage(out: str, preset: str, quick: bool, seeds: int | None, name: str, log: str):
     """Run stage ``name`` of the preset in a worker; (True, summary, "") or (False, error, traceback).
     The worker's output (progress bars, warnings) goes to ``log``, not over the scheduler's lines."""
     p = get_preset(preset, quick, seeds)
     stage = next(s for s in stages(p) if s.name == name)
-    with _output_to(Path(log) if log else None):
+    with _output_to(Path(log)):
         try:
             return True, stage.run(Path(out), p), ""
         except Exception as e:  # noqa: BLE001 -- reported to the scheduler, which records and raises it
@@ -613,12 +612,9 @@ def _pooled_stage(out: str, preset: str, quick: bool, seeds: int | None, name: s
 
 
 @contextmanager
-def _output_to(log: Path | None):
+def _output_to(log: Path):
     """Send this process's stdout and stderr (file descriptors 1 and 2, so C code and progress bars
     too) to ``log`` for the duration."""
-    if log is None:
-        yield
-        return
     log.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -23,13 +23,48 @@ def test_compress_skips_done_and_reports_bad_images(htc_model_dir, tiny_run, tmp
     err = capsys.readouterr().err
     assert "cannot decode image" in err and "broken.png" in err and "wrote 3 caches" in err
     files = sorted((tmp_path / "c").glob("*.safetensors"))
-    assert [f.stem for f in files] == [p.stem for p in imgs]
+    assert [f.stem.split("-")[0] for f in files] == [p.stem for p in imgs]
     model = HTCForConditionalGeneration.from_pretrained(htc_model_dir)
     cache = VisualCache.load(files[0], expected_fingerprint=model.fingerprint())
     assert cache.length == 1 + 2  # the template prefix ("USER :") and one voco token
     assert main(args + [str(p) for p in imgs]) == 0
     err = capsys.readouterr().err
     assert "wrote 0 caches" in err and "skipped 3 already there" in err
+    # an edited cache is not kept as "already there": it is made again
+    data = bytearray(files[0].read_bytes())
+    data[-3] ^= 0xFF
+    files[0].write_bytes(bytes(data))
+    assert main(args + [str(imgs[0])]) == 0
+    assert "wrote 1 caches" in capsys.readouterr().err
+    VisualCache.load(files[0], expected_fingerprint=model.fingerprint())
+
+
+def test_caches_are_keyed_by_image_content_model_and_template(make_model_dir, tiny_run, tmp_path, capsys):
+    """Two images with one file name, an image changed in place, another template: each its own cache."""
+    src = sorted((tiny_run / "scenes" / "images").glob("test_*.png"))[:2]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    one, two = tmp_path / "a" / "img.png", tmp_path / "b" / "img.png"
+    one.write_bytes(src[0].read_bytes())
+    two.write_bytes(src[1].read_bytes())
+    model_dir = make_model_dir("voco")
+    args = ["compress", "--model", str(model_dir), "--out", str(tmp_path / "c")]
+    assert main(args + [str(one), str(two)]) == 0
+    assert "wrote 2 caches" in capsys.readouterr().err
+    caches = {f: VisualCache.load(f) for f in (tmp_path / "c").glob("img-*.safetensors")}
+    assert len(caches) == 2
+    a, b = caches.values()
+    assert not torch.equal(a.keys[-1], b.keys[-1])  # not one image's cache reused for the other (layer 0 sees no image)
+    one.write_bytes(src[1].read_bytes())  # changed in place: compressed again, not "already there"
+    assert main(args + [str(one)]) == 0
+    assert "wrote 0 caches" in capsys.readouterr().err  # same bytes as b/img.png now: that cache
+    assert main(args + ["--template", "vicuna_v1", str(one)]) == 0
+    assert "wrote 1 caches" in capsys.readouterr().err
+    assert len(list((tmp_path / "c").glob("img-*.safetensors"))) == 3
+    vicuna = max((tmp_path / "c").glob("img-*.safetensors"), key=lambda f: f.stat().st_mtime_ns)
+    assert main(["ask", "--model", str(model_dir), "--cache", str(vicuna), "x?"]) == 2  # plain template
+    assert "another template's prefix" in capsys.readouterr().err
+    assert main(["ask", "--model", str(model_dir), "--cache", str(vicuna), "--template", "vicuna_v1", "x?"]) == 0
 
 
 def test_ask_from_image_and_from_cache_agree(htc_model_dir, tiny_run, tmp_path, capsys):
@@ -40,7 +75,8 @@ def test_ask_from_image_and_from_cache_agree(htc_model_dir, tiny_run, tmp_path, 
     qs = ["What color is the circle?", "How many objects are there?"]
     assert main(["ask", "--model", str(htc_model_dir), "--image", str(img), "--features", feats, *qs]) == 0
     from_image = capsys.readouterr().out
-    assert main(["ask", "--model", str(htc_model_dir), "--cache", str(tmp_path / f"{img.stem}.safetensors"), *qs]) == 0
+    cache = next(tmp_path.glob(f"{img.stem}-*.safetensors"))
+    assert main(["ask", "--model", str(htc_model_dir), "--cache", str(cache), *qs]) == 0
     assert capsys.readouterr().out == from_image and from_image.count("Q: ") == 2
     assert main(["ask", "--model", str(htc_model_dir), *qs]) == 2
     assert "exactly one of --image or --cache" in capsys.readouterr().err
@@ -57,7 +93,8 @@ def test_a_cache_from_another_model_is_refused(htc_model_dir, tiny_run, tmp_path
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (tmp_path / "other" / f).write_bytes((htc_model_dir / f).read_bytes())
     capsys.readouterr()
-    assert main(["ask", "--model", str(tmp_path / "other"), "--cache", str(tmp_path / f"{img.stem}.safetensors"), "x?"]) == 2
+    cache = next(tmp_path.glob(f"{img.stem}-*.safetensors"))
+    assert main(["ask", "--model", str(tmp_path / "other"), "--cache", str(cache), "x?"]) == 2
     assert "made by another model" in capsys.readouterr().err
 
 

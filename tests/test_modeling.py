@@ -234,6 +234,18 @@ def test_visual_cache_file_round_trip_and_refusals(tmp_path):
     with pytest.raises(HTCError, match="cannot read"):
         VisualCache.load(tmp_path / "missing.safetensors")
 
+    # the metadata is under the checksum too: an edited position, or any other field, is refused
+    from safetensors import safe_open
+    from safetensors.torch import save as st_save
+
+    with safe_open(str(tmp_path / "c.safetensors"), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    for field, value in (("next_position", str(int(meta["next_position"]) + 1)), ("meta", "{}"),
+                         ("num_layers", "x"), ("fingerprint", other.fingerprint())):
+        (tmp_path / "m.safetensors").write_bytes(st_save(tensors, metadata=meta | {field: value}))
+        with pytest.raises(HTCError, match="modified after it was written"):
+            VisualCache.load(tmp_path / "m.safetensors")
+
 
 # ---------------------------------------------------------------------- bad input
 

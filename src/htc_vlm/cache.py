@@ -7,7 +7,8 @@ the *original* position (``next_position``), not at the cache length.
 
 On disk a cache is one safetensors file: ``keys.{layer}`` / ``values.{layer}`` tensors of shape
 (B, kv_heads, K, head_dim), and metadata naming the format version, the fingerprint of the model
-that made it, the positions, and a SHA-256 of the tensor bytes (an edited file is refused).
+that made it, the positions, and a SHA-256 of the tensor bytes and of that metadata (an edited file,
+``next_position`` included, is refused).
 
 Shape notation: B images, L layers, H kv heads, K kept positions, Dh head dim.
 """
@@ -29,7 +30,7 @@ from .errors import HTCError
 from .io import atomic_write_bytes
 
 FORMAT = "htc-vlm-visual-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the checksum covers the metadata too
 
 
 @dataclass
@@ -90,7 +91,8 @@ class VisualCache:
         tensors = self._tensors()
         metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "fingerprint": self.fingerprint,
                     "next_position": str(self.next_position), "num_layers": str(len(self.keys)),
-                    "meta": json.dumps(self.meta), "sha256": _digest(tensors)}
+                    "meta": json.dumps(self.meta)}
+        metadata["sha256"] = _digest(tensors, metadata)
         atomic_write_bytes(path, st_save(tensors, metadata=metadata))
 
     @classmethod
@@ -111,11 +113,14 @@ class VisualCache:
         if metadata.get("format_version") != str(FORMAT_VERSION):
             raise HTCError(f"{path} has cache format version {metadata.get('format_version')}; "
                            f"this htc-vlm reads version {FORMAT_VERSION}: compress the image again")
-        if metadata.get("sha256") != _digest(tensors):
+        if metadata.get("sha256") != _digest(tensors, metadata):
             raise HTCError(f"{path} was modified after it was written (checksum mismatch)")
-        n = int(metadata["num_layers"])
-        cache = cls([tensors[f"keys.{i}"] for i in range(n)], [tensors[f"values.{i}"] for i in range(n)],
-                    int(metadata["next_position"]), metadata["fingerprint"], json.loads(metadata["meta"]))
+        try:
+            n = int(metadata["num_layers"])
+            cache = cls([tensors[f"keys.{i}"] for i in range(n)], [tensors[f"values.{i}"] for i in range(n)],
+                        int(metadata["next_position"]), metadata["fingerprint"], json.loads(metadata["meta"]))
+        except (KeyError, ValueError, TypeError) as e:  # a consistent checksum over a malformed layout
+            raise HTCError(f"{path} is not a well-formed visual cache ({type(e).__name__}: {e})") from e
         if expected_fingerprint is not None:
             cache.check(expected_fingerprint, str(path))
         return cache
@@ -126,8 +131,9 @@ class VisualCache:
                            f"this model {fingerprint[:12]}): compress the image again with this model")
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
+def _digest(tensors: dict[str, torch.Tensor], metadata: dict) -> str:
+    """SHA-256 of the tensors (names, dtypes, shapes, bytes) and of every metadata field but itself."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in metadata.items() if k != "sha256"}, sort_keys=True).encode())
     for name in sorted(tensors):
         t = tensors[name]
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())

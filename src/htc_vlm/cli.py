@@ -155,12 +155,15 @@ def load_model(model_dir: Path, method: str = "model", budget: int | None = None
     from transformers import AutoTokenizer
 
     from .methods import get_method, load_for_method, parse_options
+    from .modeling import check_model_folder
 
-    if not (model_dir / "config.json").exists():
-        raise HTCError(f"{model_dir} is not a model folder (no config.json)")
+    check_model_folder(model_dir)
     opts = parse_options(get_method(method), options) if method != "model" else {}
     model = load_for_method(model_dir, method, budget, opts)
-    return model, AutoTokenizer.from_pretrained(model_dir)
+    try:
+        return model, AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, TypeError) as e:
+        raise HTCError(f"no readable tokenizer in {model_dir} ({type(e).__name__}: {str(e).splitlines()[0]})") from e
 
 
 @app.command("eval")
@@ -257,7 +260,7 @@ def _image_encoder(model, features: Path | None, vq: Path | None, image_norm: st
 def compress(
     model: Annotated[Path, typer.Option(help="Model folder.")],
     images: Annotated[list[Path], typer.Argument(help="Image files to compress.")],
-    out: Annotated[Path, typer.Option(help="Folder for the caches (IMAGE_STEM.safetensors).")],
+    out: Annotated[Path, typer.Option(help="Folder for the caches (STEM-IMAGEHASH-MODEL.safetensors).")],
     features: Annotated[Path | None, typer.Option(help="Discrete feature store (htc / discrete models).")] = None,
     vq: Annotated[Path | None, typer.Option(help="VQ tokenizer folder computing q on the fly instead.")] = None,
     template: Annotated[str, typer.Option(help="Chat template whose prefix is cached with the image.")] = "plain",
@@ -274,6 +277,9 @@ def compress(
                                           progress=lambda k: bar.advance(task, k))
     for msg in failed:
         console.print(f"[red]failed:[/red] {msg}", highlight=False)
+    if len(written) <= 10:
+        for img, target in written.items():
+            console.print(f"{img} -> {target}", highlight=False)
     console.print(f"wrote {len(written)} caches to {out}, skipped {len(images) - len(written) - len(failed)} "
                   f"already there, {len(failed)} failed", highlight=False)
     if failed:

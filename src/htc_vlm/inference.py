@@ -6,13 +6,14 @@ from a feature store (keyed by file name) or computed on the fly by a VQ tokeniz
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .cache import VisualCache
-from .data.images import CLIP_MEAN, CLIP_STD, load_rgb, to_tensor
+from .data.images import CLIP_MEAN, CLIP_STD, image_under, load_rgb, to_tensor
 from .data.llava import PromptBuilder, get_template
 from .errors import HTCError
 from .layout import left_pad
@@ -42,7 +43,7 @@ class ImageEncoder:
 
     def batch(self, ids: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(pixel_values, q) of images named by their ids below ``root`` (the store's keys too)."""
-        return self.encode([Path(self.root) / i for i in ids], keys=ids)
+        return self.encode([image_under(self.root, i) for i in ids], keys=ids)
 
     def encode(self, paths: list[Path], imgs: list | None = None,
                keys: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -61,22 +62,34 @@ class ImageEncoder:
         return pix, q
 
 
-def cache_path(out: Path, image: Path) -> Path:
-    return out / f"{image.stem}.safetensors"
+def cache_path(out: Path, image_bytes: bytes, stem: str, fingerprint: str, prefix: list[int] | None = None) -> Path:
+    """``OUT/<stem>-<image hash>-<maker>.safetensors``: keyed by the image's content (16 hex digits of
+    its SHA-256) and by what made the cache (12 of the hash of the model's fingerprint and the
+    template prefix), so two images with one name, a changed image, or two models or templates
+    sharing a folder never meet one another's cache; the stem is only there for people."""
+    maker = hashlib.sha256(f"{fingerprint}:{prefix}".encode()).hexdigest()[:12]
+    return out / f"{stem}-{hashlib.sha256(image_bytes).hexdigest()[:16]}-{maker}.safetensors"
 
 
 def compress_images(model, encoder: ImageEncoder, images: list[Path], out: Path, template: str = "plain",
-                    tokenizer=None, batch_size: int = 16, progress=None) -> tuple[list[Path], list[str]]:
-    """One cache file per image in ``out`` (skipping those already there for this model).
+                    tokenizer=None, batch_size: int = 16, progress=None) -> tuple[dict[Path, Path], list[str]]:
+    """One cache file per image in ``out`` (see :func:`cache_path`), skipping those already there.
 
-    Returns the written files and one message per image that failed; a bad image does not stop
-    the others."""
+    Returns ``{image: cache file}`` of every image compressed now, and one message per image that
+    failed; a bad image does not stop the others. A cache already there that does not load (a
+    broken or edited file) is made again."""
     out.mkdir(parents=True, exist_ok=True)
     prefix = PromptBuilder(tokenizer, get_template(template), model.config).prefix_ids() if tokenizer else None
     fingerprint = model.fingerprint()
-    todo, written, failed = [], [], []
+    todo, written, failed = [], {}, []
     for img in images:
-        target = cache_path(out, img)
+        try:
+            target = cache_path(out, Path(img).read_bytes(), Path(img).stem, fingerprint, prefix)
+        except OSError as e:
+            failed.append(f"cannot read image {img}: {e.strerror or e}")
+            if progress:
+                progress(1)
+            continue
         if target.exists():
             try:
                 VisualCache.load(target, expected_fingerprint=fingerprint)
@@ -84,24 +97,24 @@ def compress_images(model, encoder: ImageEncoder, images: list[Path], out: Path,
                     progress(1)
                 continue
             except HTCError:
-                pass  # another model's or a broken cache: made again
-        todo.append(img)
+                pass  # a broken or edited cache: made again
+        todo.append((img, target))
     for start in range(0, len(todo), batch_size):
         chunk, ok, loaded = todo[start:start + batch_size], [], []
-        for img in chunk:
+        for img, target in chunk:
             try:
                 loaded.append(encoder.load(img))
-                ok.append(img)
+                ok.append((img, target))
             except HTCError as e:
                 failed.append(str(e))
         if ok:
-            pix, q = encoder.encode(ok, loaded)
+            pix, q = encoder.encode([img for img, _ in ok], loaded)
             cache = model.compress(pix, q, prefix_ids=prefix)
-            for i, img in enumerate(ok):
+            for i, (img, target) in enumerate(ok):
                 one = cache.select(i)
-                one.meta["image"] = img.name
-                one.save(cache_path(out, img))
-                written.append(cache_path(out, img))
+                one.meta["image"] = Path(img).name
+                one.save(target)
+                written[img] = target
         if progress:
             progress(len(chunk))
     return written, failed
@@ -114,6 +127,9 @@ def ask(model, tokenizer, cache: VisualCache, questions: list[str], template: st
     if cache.batch_size != 1:
         raise HTCError(f"ask takes the cache of one image, got {cache.batch_size}")
     builder = PromptBuilder(tokenizer, get_template(template), model.config)
+    if "prefix_ids" in cache.meta and cache.meta["prefix_ids"] != builder.prefix_ids():
+        raise HTCError(f"this visual cache was made with another template's prefix than {template!r}: "
+                       f"ask with the template it was compressed with")
     ids, mask = left_pad([builder.question_ids(q) for q in questions], tokenizer.pad_token_id)
     out = model.generate(ids, visual_cache=cache.select([0] * len(questions)), attention_mask=mask,
                          max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,

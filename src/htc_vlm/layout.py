@@ -51,6 +51,15 @@ def image_prompt_ids(config: HTCConfig, prefix: list[int] | None = None) -> list
     return list(prefix or []) + [config.image_token_id] * config.num_image_tokens + voco
 
 
+def check_context(config: HTCConfig, length: int, what: str) -> None:
+    """Refuse ``length`` positions past the language model's context (before anything is allocated:
+    an over-long question would otherwise build attention masks of its length squared)."""
+    limit = config.text_config.max_position_embeddings
+    if length > limit:
+        raise HTCError(f"{what} needs {length} positions (image block, question and answer); the language "
+                       f"model's context is {limit}")
+
+
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """RoPE positions that skip left padding: (B, T)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

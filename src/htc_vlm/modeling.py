@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig, AutoModel, DynamicCache, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -32,12 +33,30 @@ from .anchors import AnchorProjector, DiscreteTokenProjector
 from .cache import VisualCache
 from .configuration import HTCConfig
 from .errors import HTCError
-from .layout import IMAGE, PAD, VOCO, image_prompt_ids, positions, token_kinds
+from .layout import IMAGE, PAD, VOCO, check_context, image_prompt_ids, positions, token_kinds
 from .masking import attention_mask_4d
 from .pooling import QFormerPooler, build_pooler
 from .vision import Projector, patch_features
 
 AutoConfig.register(HTCConfig.model_type, HTCConfig, exist_ok=True)
+
+
+def check_model_folder(path: Path) -> None:
+    """``path`` holds an htc-vlm model: a folder with a ``config.json`` of ``model_type: htc_vlm``."""
+    import json
+
+    config = path / "config.json"
+    if not config.is_file():
+        raise HTCError(f"{path} is not a model folder (no config.json)")
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (ValueError, UnicodeDecodeError, AttributeError) as e:
+        raise HTCError(f"{config} is not a model config (not a JSON object)") from e
+    if model_type != HTCConfig.model_type:
+        hint = (" (a LLaVA checkpoint: load it with HTCForConditionalGeneration.from_llava)"
+                if model_type == "llava" else "")
+        raise HTCError(f"{path} holds a {model_type or 'untyped'} model, not an htc-vlm one "
+                       f"(config.json model_type {model_type!r}, expected {HTCConfig.model_type!r}){hint}")
 
 
 class HTCPreTrainedModel(PreTrainedModel):
@@ -264,7 +283,7 @@ class HTCForConditionalGeneration(HTCPreTrainedModel, GenerationMixin):
             values=[layer.values.index_select(-2, keep) for layer in layers],
             next_position=t, fingerprint=self.fingerprint(),
             meta={"compression": self.config.compression, "num_voco": self.config.num_voco,
-                  "kept_positions": keep.tolist(), "full_length": t},
+                  "kept_positions": keep.tolist(), "full_length": t, "prefix_ids": list(prefix_ids or [])},
         )
 
     def answer_inputs(self, visual_cache: VisualCache, input_ids: torch.Tensor,
@@ -302,6 +321,8 @@ class HTCForConditionalGeneration(HTCPreTrainedModel, GenerationMixin):
             visual_cache = self.compress(pixel_values, discrete_latents)
         if visual_cache is None:
             return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        new = kwargs.get("max_new_tokens") or self.generation_config.max_new_tokens or 0
+        check_context(self.config, visual_cache.next_position + input_ids.shape[1] + new, "a question")
         return super().generate(**self.answer_inputs(visual_cache, input_ids, attention_mask), **kwargs)
 
     def fingerprint(self) -> str:
@@ -316,6 +337,35 @@ class HTCForConditionalGeneration(HTCPreTrainedModel, GenerationMixin):
             h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
             h.update(flat[idx].float().cpu().numpy().tobytes())
         return h.hexdigest()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' loader, after checking that a local folder holds one of our checkpoints: a
+        folder without ``config.json``, or whose config is not ``model_type: htc_vlm`` (which would
+        otherwise be built from defaults, a 7B-size Llama), is one HTCError, and so are unreadable
+        weights. A path that does not exist is not sent to the hub (no network retries)."""
+        path = Path(str(pretrained_model_name_or_path))
+        if isinstance(pretrained_model_name_or_path, (str, Path)) and path.exists():
+            check_model_folder(path)
+            if not any((path / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
+                raise HTCError(f"{path} has no safetensors weights (model.safetensors); pickled weights "
+                               f"(pytorch_model.bin) are not loaded")
+            wants_info = kwargs.pop("output_loading_info", False)
+            try:
+                model, info = super().from_pretrained(pretrained_model_name_or_path, *args, use_safetensors=True,
+                                                      output_loading_info=True, **kwargs)
+            except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+                raise HTCError(f"cannot load the model in {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+            lost = [k for k in info["missing_keys"] if ".language_model." in f".{k}"]
+            if lost:  # new modules of a method (voco, P_d) may start untrained; the language model may not
+                raise HTCError(f"the weights in {path} lack {len(lost)} language-model tensors (e.g. {lost[0]}): "
+                               f"not a checkpoint of this model")
+            return (model, info) if wants_info else model
+        raw = str(pretrained_model_name_or_path)
+        if isinstance(pretrained_model_name_or_path, (str, Path)) and (
+                raw.startswith((".", "~", "/", "\\")) or raw.count("/") > 1 or path.is_absolute()):
+            raise HTCError(f"model folder not found: {path}")
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     # ------------------------------------------------------------------ from an existing LLaVA
 

@@ -7,6 +7,8 @@ that cannot be decoded, or has another size than the model or tokenizer expects,
 
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -40,18 +42,60 @@ def fit(img: Image.Image, size: int | None, resize: bool, name: str) -> Image.Im
     return img
 
 
-def load_rgb(path: str | Path, size: int | None = None, resize: bool = False) -> Image.Image:
-    """Open ``path`` as RGB. With ``size``: refuse another size, or resize (bicubic) if ``resize``."""
-    path = Path(path)
+@contextmanager
+def _decoding(path: Path):
+    """Turn every way an image file can fail to open into one HTCError naming it; an image over
+    Pillow's ``MAX_IMAGE_PIXELS`` (a decompression bomb) is refused like an undecodable one."""
     try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    except FileNotFoundError as e:
+        raise HTCError(f"image not found: {path}") from e
+    except IsADirectoryError as e:
+        raise HTCError(f"{path} is a folder, not an image") from e
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise HTCError(f"image {path} is too large to decode safely: {e}") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+        raise HTCError(f"cannot decode image {path}: {e}") from e
+
+
+def load_rgb(path: str | Path, size: int | None = None, resize: bool = False) -> Image.Image:
+    """Open ``path`` as RGB. With ``size``: refuse another size, or resize (bicubic) if ``resize``.
+    A PNG whose chunk checksums do not match (Pillow would decode it with wrong pixels) is refused."""
+    path = Path(path)
+    with _decoding(path):
+        with Image.open(path) as im:
+            if im.format == "PNG":
+                im.verify()  # every chunk's CRC; a verified image must be opened again to decode
         with Image.open(path) as im:
             im.load()
             img = to_rgb(im)
-    except FileNotFoundError as e:
-        raise HTCError(f"image not found: {path}") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise HTCError(f"cannot decode image {path}: {e}") from e
     return fit(img, size, resize, str(path))
+
+
+def check_header(path: str | Path, size: int | None = None, resize: bool = False) -> None:
+    """Cheap check before a long job: ``path`` is an image file (its header decodes) of the expected
+    size. Reads the header only, so a whole training set is checked in seconds; the pixels are
+    checked by :func:`load_rgb` when the image is used."""
+    path = Path(path)
+    with _decoding(path):
+        with Image.open(path) as im:
+            dims = im.size
+    if size is not None and dims != (size, size) and not resize:
+        raise HTCError(f"{path} is {dims[0]}x{dims[1]} but {size}x{size} is expected")
+
+
+def image_under(root: str | Path, name: str) -> Path:
+    """The file ``name`` (a question's or training record's ``image`` field) inside ``root``; an
+    absolute path or one that leaves ``root`` (``..``, a symlink pointing out) is an error."""
+    if not isinstance(name, str) or not name:
+        raise HTCError(f"image field {name!r} is not a file name")
+    root = Path(root)
+    path = root / name
+    if Path(name).is_absolute() or not path.resolve().is_relative_to(root.resolve()):
+        raise HTCError(f"image {name!r} is outside the image folder {root}")
+    return path
 
 
 def to_tensor(img: Image.Image, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> torch.Tensor:

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from ..configuration import HTCConfig
 from ..errors import HTCError
 from ..layout import image_prompt_ids, left_pad
-from .images import CLIP_MEAN, CLIP_STD, load_rgb, to_tensor
+from .images import CLIP_MEAN, CLIP_STD, check_header, image_under, load_rgb, to_tensor
 
 IMAGE = "<image>"
 IGNORE = -100
@@ -143,8 +143,10 @@ class LlavaDataset(Dataset):
             check_record(rec, name)
             if "image" in rec and rec["image"] not in found:
                 found.add(rec["image"])
-                if not (self.images / rec["image"]).is_file():
-                    raise HTCError(f"sample {name}: image file {self.images / rec['image']} not found")
+                try:
+                    check_header(image_under(self.images, rec["image"]), config.vision_config.image_size, resize)
+                except HTCError as e:
+                    raise HTCError(f"sample {name}: {e}") from e
                 if needs_q and rec["image"] not in features:
                     raise HTCError(f"sample {name}: image id {rec['image']!r} is not in the feature store {features.path}")
         self.items = self._pack() if pack_by_image else [[i] for i in range(len(self.records))]
@@ -180,7 +182,7 @@ class LlavaDataset(Dataset):
 
     def _image(self, rec: dict) -> dict:
         size = self.config.vision_config.image_size
-        out = {"pixel_values": to_tensor(load_rgb(self.images / rec["image"], size, resize=self.resize), *self.norm)}
+        out = {"pixel_values": to_tensor(load_rgb(image_under(self.images, rec["image"]), size, resize=self.resize), *self.norm)}
         if self.features is not None and self.config.compression in ("htc", "discrete"):
             out["discrete_latents"] = self.features[rec["image"]]
         return out

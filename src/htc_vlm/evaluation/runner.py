@@ -1,24 +1,33 @@
 """``htc-vlm eval``: answer a LLaVA-style question file with a model and score it.
 
 Writes ``predictions.jsonl`` (appended batch by batch, so a crash loses at most one batch; the
-question ids already there are skipped on the next run) and ``metrics.json`` (atomically).
+question ids already there are skipped on the next run) and ``metrics.json`` (atomically). Every
+prediction line carries the run key (model fingerprint, question-file hash, answering settings;
+spelled out in ``predictions.key.json``): an ``--out`` holding another run's predictions is refused,
+never mixed in.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import torch
 
+from ..data.images import check_header, image_under
 from ..data.scenes import mc_prompt
 from ..errors import HTCError
 from ..io import atomic_write_bytes
-from ..layout import left_pad
+from ..data.llava import PromptBuilder, get_template
+from ..layout import check_context, image_prompt_ids, left_pad
 from ..inference import ImageEncoder
 from .answering import answer_questions
 from .scorers import get_benchmark
 from .scorers.mcq import rotations
+
+
+KEY_FILE = "predictions.key.json"  # the run key of predictions.jsonl, beside it
 
 
 def _jsonl(path: Path, text: str, what: str):
@@ -50,20 +59,50 @@ def read_questions(path: str | Path) -> list[dict]:
     return rows
 
 
-def _read_predictions(path: Path, benchmark: str) -> dict[str, str]:
+def _read_predictions(path: Path, benchmark: str, key: dict | None = None) -> dict[str, str]:
+    """Question id -> prediction of a ``predictions.jsonl``; with ``key``, every line must carry it
+    (made by the same model, question file and settings, see :func:`run_key`)."""
     if not path.exists():
         return {}
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as e:
+        raise HTCError(f"{path} is not a predictions file (not UTF-8); delete it to start over") from e
     if text and not text.endswith("\n"):  # a line cut by a crash: drop it, it is answered again
         text = text[: text.rfind("\n") + 1]
         atomic_write_bytes(path, text.encode())
     done = {}
     for n, row in _jsonl(path, text, "a prediction line; delete the file to start over"):
+        if not isinstance(row, dict) or not isinstance(row.get("question_id"), str) or "prediction" not in row:
+            raise HTCError(f"{path}:{n} is not a prediction line; delete the file to start over")
         if row.get("benchmark") != benchmark:
             raise HTCError(f"{path}:{n} holds predictions for benchmark {row.get('benchmark')!r}, "
                            f"not {benchmark!r}; use another --out")
+        if key is not None and row.get("key") != key["key"]:
+            raise HTCError(f"{path}:{n} was answered by another model, question file or setting "
+                           f"({_what_differs(path, key)}); use another --out or delete the file")
         done[row["question_id"]] = row["prediction"]
     return done
+
+
+def run_key(model, benchmark: str, questions_file: str | Path, **settings) -> dict:
+    """What makes a run's predictions: the model's fingerprint (weights and, for training-free
+    methods, their settings), the question file's bytes and the answering settings."""
+    data = Path(questions_file).read_bytes()
+    key = {"benchmark": benchmark, "model": model.fingerprint(), "questions": hashlib.sha256(data).hexdigest(),
+           **settings}
+    key["key"] = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return key
+
+
+def _what_differs(predictions: Path, key: dict) -> str:
+    """Name the parts of ``key`` that differ from the run key saved beside ``predictions``."""
+    try:
+        saved = json.loads(predictions.with_name(KEY_FILE).read_text())
+        diff = [k for k in sorted(set(saved) | set(key)) if k != "key" and saved.get(k) != key.get(k)]
+    except (OSError, ValueError, TypeError, AttributeError):
+        return f"no readable {KEY_FILE} beside it"
+    return "differs in: " + ", ".join(diff) if diff else f"its lines carry another key than {KEY_FILE}"
 
 
 def accuracy_by(predictions: str | Path, questions: list[dict], group, benchmark: str = "scenes_open") -> dict[str, float]:
@@ -89,8 +128,6 @@ def prompt_for(row: dict, suffix: str) -> str:
 def answer_by_likelihood(model, tokenizer, rows: list[dict], source: ImageEncoder, prompt, template: str,
                          batch_size: int) -> list[dict]:
     """Pick the option letter whose token the model finds most likely after the prompt."""
-    from ..data.llava import PromptBuilder, get_template
-
     builder = PromptBuilder(tokenizer, get_template(template), model.config)
     out = []
     for b in range(0, len(rows), batch_size):
@@ -126,29 +163,40 @@ def run_eval(model, tokenizer, benchmark: str, questions_file: str | Path, image
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pred_path = out / "predictions.jsonl"
-    done = _read_predictions(pred_path, bench.name)
+    key = run_key(model, bench.name, questions_file, method=method, template=template, max_new_tokens=max_new_tokens,
+                  likelihood=likelihood, image_norm=image_norm, resize=resize)
+    done = _read_predictions(pred_path, bench.name, key)
+    if not done:
+        atomic_write_bytes(out / KEY_FILE, (json.dumps(key, indent=1) + "\n").encode())
     todo = [r for r in rows if r["question_id"] not in done]
     source = ImageEncoder(model, features, image_norm=image_norm, resize=resize, root=Path(images))
-    for r in {r["image"] for r in todo}:
-        if not (Path(images) / r).is_file():
-            qid = next(x["question_id"] for x in todo if x["image"] == r)
-            raise HTCError(f"question {qid!r}: image {Path(images) / r} not found")
+    size = model.config.vision_config.image_size
+    for name, qid in {r["image"]: r["question_id"] for r in reversed(todo)}.items():  # each image, its first question
+        try:
+            check_header(image_under(images, name), size, resize)
+        except HTCError as e:
+            raise HTCError(f"question {qid!r}: {e}") from e
 
     def prompt(r):
         return prompt_for(r, bench.prompt_suffix)
 
     if likelihood and not bench.multiple_choice:
         raise HTCError(f"--likelihood is for multiple-choice benchmarks; {bench.name} is open-ended")
+    builder = PromptBuilder(tokenizer, get_template(template), model.config)
+    head = len(image_prompt_ids(model.config, builder.prefix_ids()))
+    for r in todo:  # before any answer: an over-long question is refused by its id
+        check_context(model.config, head + len(builder.question_ids(prompt(r))) + (0 if likelihood else max_new_tokens),
+                      f"question {r['question_id']!r}")
     with open(pred_path, "a") as f:
         answers = (answer_by_likelihood(model, tokenizer, todo, source, prompt, template, batch_size) if likelihood
                    else answer_questions(model, tokenizer, todo, source, prompt, template, batch_size,
                                          max_new_tokens, progress))
         for a in answers:
-            f.write(json.dumps({"benchmark": bench.name, **a}) + "\n")
+            f.write(json.dumps({"benchmark": bench.name, "key": key["key"], **a}) + "\n")
             f.flush()
             done[a["question_id"]] = a["prediction"]
     metrics = bench.score(rows, done)
     result = {"benchmark": bench.name, "method": method, "model": model_name, "questions": str(questions_file),
-              "scores": {bench.name: metrics[bench.headline]}, "metrics": metrics}
+              "scores": {bench.name: metrics[bench.headline]}, "metrics": metrics, "run_key": key}
     atomic_write_bytes(out / "metrics.json", (json.dumps(result, indent=1) + "\n").encode())
     return result

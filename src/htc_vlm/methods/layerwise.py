@@ -18,10 +18,12 @@ Shape notation: B rows (one question each), T sequence, K visual tokens, H heads
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from ..errors import HTCError
-from ..layout import positions
+from ..layout import check_context, positions
 from ..modeling import HTCForConditionalGeneration
 
 
@@ -49,6 +51,11 @@ class QuestionAwareVLM:
 
     def eval(self):
         return self
+
+    def fingerprint(self) -> str:
+        """The weights' fingerprint and this method's settings (what makes its answers)."""
+        settings = (type(self).__name__, self.budget, self.score_layers, sorted(getattr(self, "counts", {}).items()))
+        return hashlib.sha256(f"{self.model.fingerprint()}:{settings!r}".encode()).hexdigest()
 
     def prune_at(self, layers: tuple[int, ...]) -> None:
         """Read attention at ``layers`` and fall geometrically to ``budget`` kept tokens over them."""
@@ -97,12 +104,13 @@ class QuestionAwareVLM:
         self.kept_counts = counts
         return self.model.lm_head(lm.norm(h))
 
-    def _layout(self, pixel_values, prefix_ids: list[int], rows: list[list[int]]):
+    def _layout(self, pixel_values, prefix_ids: list[int], rows: list[list[int]], new_tokens: int = 0):
         """Left-padded ``[prefix][visual][question]`` rows: embeds, pad mask, visual mask."""
         vis = self.visual_tokens(pixel_values)  # (B, K, D)
         emb = self.model.get_input_embeddings()
         k, p = vis.shape[1], len(prefix_ids)
         t = p + k + max(map(len, rows))
+        check_context(self.config, t + new_tokens, "a question")
         embeds = vis.new_zeros(len(rows), t, vis.shape[-1])
         pad_mask = torch.zeros(len(rows), t, dtype=torch.long, device=vis.device)
         visual = torch.zeros(len(rows), t, dtype=torch.bool, device=vis.device)
@@ -127,7 +135,7 @@ class QuestionAwareVLM:
     def generate_answers(self, pixel_values: torch.Tensor, prefix_ids: list[int], rows: list[list[int]],
                          max_new_tokens: int, eos_token_id: int) -> list[list[int]]:
         """Greedy answers, one per row (each row's image in ``pixel_values``), without the prompt."""
-        embeds, pad_mask, visual = self._layout(pixel_values, prefix_ids, rows)
+        embeds, pad_mask, visual = self._layout(pixel_values, prefix_ids, rows, max_new_tokens)
         query = embeds.shape[1] - 1  # the selection reads the prompt's last token, fixed while decoding
         emb = self.model.get_input_embeddings()
         out = [[] for _ in rows]

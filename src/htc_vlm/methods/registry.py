@@ -68,8 +68,8 @@ def parse_options(method: Method, pairs: list[str] | None) -> dict:
 def load_checkpoint(path: Path, **overrides):
     from ..modeling import HTCForConditionalGeneration
 
-    if not (Path(path) / "config.json").exists():
-        raise HTCError(f"{path} is not a model folder (no config.json)")
+    if not Path(path).is_dir():
+        raise HTCError(f"model folder not found: {path}")
     return HTCForConditionalGeneration.from_pretrained(path, **overrides)
 
 

@@ -1,0 +1,262 @@
+"""Bad input gets one clear error naming the problem (exit 2 from the CLI), never a traceback, a
+silently wrong result, or a file read outside the folders named on the command line (issue #18)."""
+
+import json
+import os
+import struct
+
+import pytest
+from PIL import Image
+
+from htc_vlm import HTCError
+from htc_vlm.cli import main
+from htc_vlm.data.images import load_rgb
+
+# ---------------------------------------------------------------------- image files
+
+
+def _png(path, size=48, mode="RGB"):
+    Image.new(mode, (size, size), 128 if mode in ("L", "P", "I;16") else (10, 200, 30)).save(path)
+    return path
+
+
+def _bad_crc(path):
+    """A PNG whose IDAT chunk checksum does not match its data (a flipped bit on disk or in transfer;
+    Pillow's decoder alone does not look at the checksum)."""
+    data = bytearray(_png(path).read_bytes())
+    i = data.index(b"IDAT")
+    n = struct.unpack(">I", data[i - 4:i])[0]
+    data[i + 4 + n] ^= 0x10  # first byte of the chunk's CRC
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _cases(tmp_path):
+    (tmp_path / "dir.png").mkdir()
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    text = tmp_path / "text.png"
+    text.write_text("not an image")
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(_png(tmp_path / "whole.png").read_bytes()[:60])
+    loop = tmp_path / "loop.png"
+    os.symlink(loop, loop)
+    return {
+        "missing": (tmp_path / "missing.png", "image not found"),
+        "a folder": (tmp_path / "dir.png", "is a folder"),
+        "zero bytes": (empty, "cannot decode image"),
+        "text named .png": (text, "cannot decode image"),
+        "truncated": (cut, "cannot decode image"),
+        "bad CRC": (_bad_crc(tmp_path / "crc.png"), "cannot decode image"),
+        "symlink loop": (loop, "cannot decode image"),
+        "wrong size": (_png(tmp_path / "small.png", 10), "is 10x10 but 48x48 is expected"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing", "a folder", "zero bytes", "text named .png", "truncated", "bad CRC",
+                                  "symlink loop", "wrong size"])
+def test_a_bad_image_file_is_one_clear_error(tmp_path, case):
+    path, message = _cases(tmp_path)[case]
+    with pytest.raises(HTCError, match=message):
+        load_rgb(path, 48)
+
+
+def test_a_decompression_bomb_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 48 x 48 = 2,304 pixels: over the limit here
+    with pytest.raises(HTCError, match="too large to decode safely"):
+        load_rgb(_png(tmp_path / "bomb.png"), 48)
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16", "1"])
+def test_other_image_modes_load_as_rgb(tmp_path, mode):
+    path = tmp_path / ("x.tif" if mode == "CMYK" else "x.png")
+    Image.new(mode, (48, 48)).save(path)
+    img = load_rgb(path, 48)
+    assert img.mode == "RGB" and img.size == (48, 48)
+
+
+def test_the_crc_check_is_what_catches_a_corrupted_png(tmp_path):
+    """Guard for the "bad CRC" case: Pillow alone decodes that file without a word."""
+    with Image.open(_bad_crc(tmp_path / "crc.png")) as im:
+        im.load()
+        assert im.size == (48, 48)
+
+
+# ---------------------------------------------------------------------- htc-vlm eval
+
+
+@pytest.fixture(scope="module")
+def model_dir(make_model_dir):
+    return make_model_dir("voco")
+
+
+def _questions(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _eval(model, questions, images, out, *extra):
+    return main(["eval", "--model", str(model), "--benchmark", "scenes_open", "--questions", str(questions),
+                 "--images", str(images), "--out", str(out), "--batch-size", "8", *extra])
+
+
+def _row(image, text="What color is the circle?", qid="q1"):
+    return {"question_id": qid, "image": image, "text": text, "answer": "red"}
+
+
+@pytest.mark.parametrize("image, message", [
+    ("/etc/passwd", "outside the image folder"),
+    ("../outside.png", "outside the image folder"),
+    ("link.png", "outside the image folder"),  # a symlink inside the folder that points out of it
+    (None, "is not a file name"),
+    ("", "is not a file name"),
+    ("sub", "is a folder"),
+    ("missing.png", "image not found"),
+])
+def test_eval_refuses_image_fields_that_leave_the_folder_or_are_not_images(model_dir, scenes_dir, tmp_path, capsys,
+                                                                         image, message):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "sub").mkdir()
+    _png(tmp_path / "outside.png")
+    os.symlink(tmp_path / "outside.png", images / "link.png")
+    q = _questions(tmp_path / "q.jsonl", [_row(image)])
+    assert _eval(model_dir, q, images, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert message in err and "question 'q1'" in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_eval_refuses_a_question_longer_than_the_context(model_dir, scenes_dir, tmp_path, capsys):
+    image = sorted((scenes_dir / "images").glob("test_*.png"))[0].name
+    q = _questions(tmp_path / "q.jsonl", [_row(image, qid="short"), _row(image, "what " * 30_000, qid="long")])
+    assert _eval(model_dir, q, scenes_dir / "images", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "question 'long' needs" in err and "context is 1024" in err
+
+
+def test_eval_never_mixes_another_runs_predictions(model_dir, make_model_dir, scenes_dir, tmp_path, capsys):
+    """An --out holding predictions of another model, question file or setting is refused; the same
+    run resumes."""
+    out = tmp_path / "out"
+    test = scenes_dir / "test" / "open.jsonl"
+    assert _eval(model_dir, test, scenes_dir / "images", out) == 0
+    key = json.loads((out / "predictions.key.json").read_text())
+    assert json.loads((out / "metrics.json").read_text())["run_key"] == key
+    fewer = _questions(tmp_path / "fewer.jsonl", [json.loads(x) for x in test.read_text().splitlines()[:3]])
+    before = (out / "predictions.jsonl").read_bytes()
+    assert _eval(model_dir, fewer, scenes_dir / "images", out) == 2
+    assert "answered by another model, question file or setting (differs in: questions)" in capsys.readouterr().err
+    assert _eval(model_dir, test, scenes_dir / "images", out, "--template", "vicuna_v1") == 2
+    assert "differs in: template" in capsys.readouterr().err
+    retrained = make_model_dir("none")
+    assert _eval(retrained, test, scenes_dir / "images", out) == 2
+    assert "differs in: model" in capsys.readouterr().err
+    assert (out / "predictions.jsonl").read_bytes() == before  # nothing appended, nothing lost
+    assert _eval(model_dir, test, scenes_dir / "images", out) == 0  # the same run: resumed, nothing to answer
+
+
+def test_eval_refuses_a_predictions_file_that_is_not_one(model_dir, scenes_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    test = scenes_dir / "test" / "open.jsonl"
+    for content, message in ((b"\xff\xfe\n", "not UTF-8"), (b"[1, 2]\n", "is not a prediction line"),
+                             (b'{"benchmark": "scenes_open"}\n', "is not a prediction line")):
+        (out / "predictions.jsonl").write_bytes(content)
+        assert _eval(model_dir, test, scenes_dir / "images", out) == 2
+        assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- training data
+
+
+def test_training_data_images_are_checked_before_the_first_step(scenes_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from htc_vlm.data.llava import LlavaDataset
+    from htc_vlm.presets import build_config
+
+    tok = AutoTokenizer.from_pretrained(scenes_dir / "tokenizer")
+    config = build_config("tiny", tok, compression="none")
+    good = json.loads((scenes_dir / "train" / "conversations.json").read_text())[:3]
+    images = tmp_path / "images"
+    images.mkdir()
+    for r in good:
+        (images / r["image"]).write_bytes((scenes_dir / "images" / r["image"]).read_bytes())
+    _png(tmp_path / "outside.png")
+    _bad_crc(images / "crc.png")
+    (images / "text.png").write_text("no")
+    for image, message in (("../outside.png", "outside the image folder"), ("text.png", "cannot decode image"),
+                           (str(tmp_path / "outside.png"), "outside the image folder")):
+        data = tmp_path / "d.json"
+        data.write_text(json.dumps(good + [good[0] | {"id": "bad", "image": image}]))
+        with pytest.raises(HTCError, match=f"sample 'bad'.*{message}"):
+            LlavaDataset(data, images, tok, config)
+    data.write_text(json.dumps(good))
+    assert len(LlavaDataset(data, images, tok, config)) == 3
+
+
+# ---------------------------------------------------------------------- model folders
+
+
+def _broken_model(src, tmp_path, case):
+    import shutil
+
+    folder = tmp_path / case.replace(" ", "_")
+    shutil.copytree(src, folder)
+    config = json.loads((folder / "config.json").read_text())
+    if case == "no model_type":
+        del config["model_type"]
+        (folder / "config.json").write_text(json.dumps(config))
+    elif case == "a llava config":
+        (folder / "config.json").write_text(json.dumps(config | {"model_type": "llava"}))
+    elif case == "config not JSON":
+        (folder / "config.json").write_text("{oops")
+    elif case == "no config":
+        (folder / "config.json").unlink()
+    elif case == "truncated weights":
+        w = folder / "model.safetensors"
+        w.write_bytes(w.read_bytes()[:1000])
+    elif case == "pickle weights only":
+        import torch
+
+        (folder / "model.safetensors").unlink()
+        torch.save({"x": torch.zeros(1)}, folder / "pytorch_model.bin")
+    elif case == "weights of another model":
+        import torch
+        from safetensors.torch import save_file
+
+        save_file({"encoder.weight": torch.zeros(2, 2)}, folder / "model.safetensors")
+    elif case == "no tokenizer":
+        (folder / "tokenizer.json").unlink()
+        (folder / "tokenizer_config.json").unlink()
+    return folder
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no model_type", "holds a untyped model, not an htc-vlm one"),
+    ("a llava config", "from_llava"),
+    ("config not JSON", "is not a model config"),
+    ("no config", "is not a model folder (no config.json)"),
+    ("truncated weights", "cannot load the model"),
+    ("pickle weights only", "has no safetensors weights"),
+    ("weights of another model", "lack"),
+    ("no tokenizer", "no readable tokenizer"),
+])
+def test_a_broken_model_folder_is_one_clear_error(model_dir, tmp_path, capsys, case, message):
+    folder = _broken_model(model_dir, tmp_path, case)
+    assert main(["ask", "--model", str(folder), "--image", str(tmp_path / "x.png"), "what?"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_a_missing_model_folder_is_not_looked_up_on_the_hub(tmp_path):
+    import time
+
+    from htc_vlm import HTCForConditionalGeneration
+
+    t0 = time.perf_counter()
+    for path in (tmp_path / "nope", "./runs/nope", "runs/tiny/nope"):
+        with pytest.raises(HTCError, match="model folder not found"):
+            HTCForConditionalGeneration.from_pretrained(path)
+    assert time.perf_counter() - t0 < 5  # no network retries (they took ~23 s)

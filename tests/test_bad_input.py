@@ -260,3 +260,94 @@ def test_a_missing_model_folder_is_not_looked_up_on_the_hub(tmp_path):
         with pytest.raises(HTCError, match="model folder not found"):
             HTCForConditionalGeneration.from_pretrained(path)
     assert time.perf_counter() - t0 < 5  # no network retries (they took ~23 s)
+
+
+# ---------------------------------------------------------------------- question files
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"question_id": "q1", "image": "IMG", "text": "What?", "answer": "red"}\n\xff\xfe\n', ":2: not UTF-8 text"),
+    (b'{"question_id": "q1", "image": "IMG", "text": "What?"}\n', "missing 'answer'"),
+    (b'{"question_id": "q1", "image": "IMG", "text": null, "answer": "red"}\n', "text must be a string"),
+    (b'{"question_id": null, "image": "IMG", "text": "What?", "answer": "red"}\n', "question_id must be"),
+    (b'{"question_id": "q1", "image": "IMG", "text": "What?", "answer": 3}\n', "answer must be a string"),
+    (b'{"question_id": "q1", "image": "IMG", "text": "What?", "answers": []}\n', "non-empty list of strings"),
+    (b'{"question_id": "q1", "image": "IMG", "text": "W?", "options": ["a", "b"], "answer": "C"}\n', "option letters AB"),
+    (b'{"question_id": "q1", "image": "IMG", "text": "W?", "options": "ab", "answer": "A"}\n', "options must be a list"),
+    (b'["q1", "IMG"]\n', "not a JSON object"),
+    (b'{"question_id": "q1", \n', "not JSON"),
+    (b"\n\n", "holds no questions"),
+])
+def test_a_bad_question_file_is_named_by_its_line(model_dir, scenes_dir, tmp_path, capsys, content, message):
+    image = sorted((scenes_dir / "images").glob("test_*.png"))[0].name
+    q = tmp_path / "q.jsonl"
+    q.write_bytes(content.replace(b"IMG", image.encode()))
+    assert _eval(model_dir, q, scenes_dir / "images", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------- options and overrides
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.compression=bogus", "unknown model.compression 'bogus'"),
+    ("optim.bf16=maybe", "optim.bf16 must be true or false"),
+    ("optim.seed=yes", "optim.seed must be int"),
+    ("optim.max_steps=1.5", "optim.max_steps must be an integer"),
+    ("data.image_norm=bogus", "unknown data.image_norm 'bogus'"),
+    ("data.template=chatml", "unknown data.template 'chatml'"),
+    ("model.num_voco=0", "model.num_voco must be at least 1"),
+    ("trainable=3", "trainable must be a list of names"),
+    ("optim.nesterov=true", "unknown config key optim.'nesterov'"),
+    ("optim.learning_rate", "must be key=value"),
+])
+def test_train_refuses_a_bad_override_before_anything_runs(tmp_path, capsys, override, message):
+    assert main(["train", "--config", "tiny", f"output_dir={tmp_path / 'out'}", override]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args", [
+    ["train", "--config", "tiny", "--method", "voco", "--budget", "0"],
+    ["encode-discrete", "--tokenizer", "t", "--images", "i", "--out", "o", "--shard-size", "-3"],
+    ["ask", "--model", "m", "--max-new-tokens", "0", "q?"],
+    ["bench", "--reps", "0"],
+    ["eval", "--model", "m", "--benchmark", "pope", "--questions", "q", "--images", "i", "--out", "o",
+     "--batch-size", "0"],
+])
+def test_a_non_positive_count_is_a_usage_error(args, capsys):
+    assert main(args) == 2
+    err = " ".join(capsys.readouterr().err.replace("│", " ").split())  # typer's box wraps long lines
+    assert "greater than or equal to 1" in err
+
+
+def test_an_out_of_range_pruning_layer_is_refused(model_dir, make_model_dir, scenes_dir, tmp_path, capsys):
+    upper = make_model_dir("none")
+    assert _eval(upper, scenes_dir / "test" / "open.jsonl", scenes_dir / "images", tmp_path / "o",
+                 "--method", "fastv", "--budget", "4", "--option", "layer=99") == 2
+    assert "pruning layer 99 is outside 1-31" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- unwritable output
+
+
+@pytest.mark.parametrize("command", ["data tokenizer", "train-tokenizer", "reproduce", "eval", "compress", "train"])
+def test_an_output_path_that_cannot_be_written_is_one_clear_error(model_dir, scenes_dir, tmp_path, capsys, command):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = blocker / "out"  # below a regular file: every write fails (as read-only folders do for non-root)
+    image = sorted((scenes_dir / "images").glob("test_*.png"))[0]
+    args = {
+        "data tokenizer": ["data", "tokenizer", "--out", str(out)],
+        "train-tokenizer": ["train-tokenizer", "--images", str(scenes_dir / "images"), "--out", str(out), "--steps", "1"],
+        "reproduce": ["reproduce", "--quick", "--out", str(out)],
+        "eval": ["eval", "--model", str(model_dir), "--benchmark", "scenes_open", "--questions",
+                 str(scenes_dir / "test" / "open.jsonl"), "--images", str(scenes_dir / "images"), "--out", str(out)],
+        "compress": ["compress", "--model", str(model_dir), "--out", str(out), str(image)],
+        "train": ["train", "--config", "tiny", "stage=vision", f"output_dir={out}",
+                  f"data.scenes={scenes_dir / 'train' / 'scenes.jsonl'}", f"data.images={scenes_dir / 'images'}"],
+    }[command]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and str(blocker) in err and "Traceback" not in err

@@ -97,8 +97,8 @@ def encode_discrete(
     tokenizer: Annotated[Path, typer.Option(help="Tokenizer folder (config.json + model.safetensors) or its run folder.")],
     images: Annotated[Path, typer.Option(help="Image folder (searched recursively; ids are relative paths).")],
     out: Annotated[Path, typer.Option(help="Feature store file (.safetensors).")],
-    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 64,
-    shard_size: Annotated[int, typer.Option(help="Images per shard file.")] = 50_000,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 64,
+    shard_size: Annotated[int, typer.Option(min=1, help="Images per shard file.")] = 50_000,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store.")] = False,
 ) -> None:
     """Write q (the flattened quantized latent) of every image to a safetensors feature store."""
@@ -131,7 +131,7 @@ def train(
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. stage=compress optim.max_steps=10")] = None,
     method: Annotated[str | None, typer.Option(help="A trained method (voco, htc, discrete, avgpool, qformer): "
                                                     "the compress stage with its options.")] = None,
-    budget: Annotated[int, typer.Option(help="Visual tokens the method keeps (with --method).")] = 1,
+    budget: Annotated[int, typer.Option(min=1, help="Visual tokens the method keeps (with --method).")] = 1,
 ) -> None:
     """Train one stage (vision, align, instruct, compress) on the HF Trainer; resumes from checkpoints."""
     from .methods import get_method
@@ -174,11 +174,11 @@ def eval_cmd(
     images: Annotated[Path, typer.Option(help="Image folder the questions' image fields are relative to.")],
     out: Annotated[Path, typer.Option(help="Output folder: predictions.jsonl and metrics.json.")],
     method: Annotated[str, typer.Option(help="A method name (htc-vlm methods), or 'model' to run the folder as trained.")] = "model",
-    budget: Annotated[int | None, typer.Option(help="Visual tokens kept (Table 2 budgets; training-free methods).")] = None,
+    budget: Annotated[int | None, typer.Option(min=1, help="Visual tokens kept (Table 2 budgets; training-free methods).")] = None,
     option: Annotated[list[str] | None, typer.Option(help="A method option key=value, e.g. layer=2 (repeatable).")] = None,
     features: Annotated[Path | None, typer.Option(help="Discrete feature store (htc / discrete models).")] = None,
     template: Annotated[str, typer.Option(help="Chat template: plain or vicuna_v1.")] = "plain",
-    batch_size: Annotated[int, typer.Option(help="Questions per batch.")] = 32,
+    batch_size: Annotated[int, typer.Option(min=1, help="Questions per batch.")] = 32,
     likelihood: Annotated[bool, typer.Option(help="Multiple choice by the likelihood of each option letter.")] = False,
     image_norm: Annotated[str, typer.Option(help="half ([-1, 1]) or clip.")] = "half",
 ) -> None:
@@ -264,7 +264,7 @@ def compress(
     features: Annotated[Path | None, typer.Option(help="Discrete feature store (htc / discrete models).")] = None,
     vq: Annotated[Path | None, typer.Option(help="VQ tokenizer folder computing q on the fly instead.")] = None,
     template: Annotated[str, typer.Option(help="Chat template whose prefix is cached with the image.")] = "plain",
-    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 16,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 16,
 ) -> None:
     """Write one visual cache per image (its voco keys and values); images already compressed are skipped."""
     from .inference import compress_images
@@ -295,7 +295,7 @@ def ask(
     features: Annotated[Path | None, typer.Option(help="Discrete feature store (htc / discrete models).")] = None,
     vq: Annotated[Path | None, typer.Option(help="VQ tokenizer folder computing q on the fly.")] = None,
     template: Annotated[str, typer.Option(help="Chat template.")] = "plain",
-    max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 32,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest answer, in tokens.")] = 32,
 ) -> None:
     """Answer questions about one image from its visual cache (made on the spot from --image)."""
     from .cache import VisualCache
@@ -319,9 +319,9 @@ def bench(
     model: Annotated[Path | None, typer.Option(help="A compressing model folder to measure.")] = None,
     preset: Annotated[str, typer.Option(help="Without --model: a random-weight preset, tiny or mid.")] = "mid",
     out: Annotated[Path, typer.Option(help="Folder for bench.json and bench.png.")] = Path("runs/bench"),
-    question_tokens: Annotated[int, typer.Option(help="Question length in tokens.")] = 20,
-    answer_tokens: Annotated[int, typer.Option(help="Tokens decoded per answer.")] = 16,
-    reps: Annotated[int, typer.Option(help="Timed repetitions (the median is kept).")] = 3,
+    question_tokens: Annotated[int, typer.Option(min=1, help="Question length in tokens.")] = 20,
+    answer_tokens: Annotated[int, typer.Option(min=1, help="Tokens decoded per answer.")] = 16,
+    reps: Annotated[int, typer.Option(min=1, help="Timed repetitions (the median is kept).")] = 3,
 ) -> None:
     """Uncompressed vs compressed, side by side on the same weights: KV bytes, FLOPs, times."""
     import torch
@@ -351,7 +351,7 @@ def reproduce(
     preset: Annotated[str, typer.Option(help="Preset of the run.")] = "tiny",
     quick: Annotated[bool, typer.Option(help="Fewer scenes and steps (the CI smoke run).")] = False,
     only: Annotated[list[str] | None, typer.Option(help="Run only these stages (repeatable).")] = None,
-    seeds: Annotated[int | None, typer.Option(help="Train Table 1 with seeds 0..N-1 (default 3); may grow on a finished run.")] = None,
+    seeds: Annotated[int | None, typer.Option(min=1, help="Train Table 1 with seeds 0..N-1 (default 3); may grow on a finished run.")] = None,
     jobs: Annotated[int | None, typer.Option(help="Compression runs and evaluations trained side by side, each on "
                                                    "cores/N threads (default: one per core, at most 8).")] = None,
 ) -> None:
@@ -368,6 +368,11 @@ def main(argv: list[str] | None = None) -> int:
         app(args=argv, prog_name="htc-vlm")  # standalone: usage errors print and exit 2 themselves
     except HTCError as e:
         console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        return 2
+    except OSError as e:  # the file system said no (read-only, full, permissions, a path too long)
+        where = f" {e.filename}" + (f" -> {e.filename2}" if e.filename2 else "") if e.filename else ""
+        console.print(f"[red]error:[/red] cannot read or write{where}: {e.strerror or e}", highlight=False,
+                      soft_wrap=True)
         return 2
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)

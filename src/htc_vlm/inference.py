@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .cache import VisualCache
-from .data.images import CLIP_MEAN, CLIP_STD, image_under, load_rgb, to_tensor
+from .data.images import image_under, load_rgb, norm_stats, to_tensor
 from .data.llava import PromptBuilder, get_template
 from .errors import HTCError
 from .layout import left_pad
@@ -33,6 +33,7 @@ class ImageEncoder:
     root: Path | None = None  # the folder image ids are relative to (question files, LLaVA data)
 
     def __post_init__(self):
+        norm_stats(self.image_norm)  # an unknown name fails here, before any image
         if self.model.config.compression in ("htc", "discrete") and self.features is None and self.tokenizer_vq is None:
             raise HTCError(f"compression={self.model.config.compression!r} needs q: pass --features (a feature "
                            f"store) or --vq (a tokenizer folder)")
@@ -49,7 +50,7 @@ class ImageEncoder:
                keys: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(pixel_values, q) of ``paths``; pass ``imgs`` when they are already loaded and ``keys``
         to look q up under other names than the file names."""
-        mean, std = (CLIP_MEAN, CLIP_STD) if self.image_norm == "clip" else ((0.5,) * 3, (0.5,) * 3)
+        mean, std = norm_stats(self.image_norm)
         imgs = imgs if imgs is not None else [self.load(p) for p in paths]
         pix = torch.stack([to_tensor(i, mean, std) for i in imgs])
         q = None

@@ -24,6 +24,17 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+IMAGE_NORMS = {"half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # [0, 1] -> [-1, 1] (MGVQ, the tiny tower)
+               "clip": (CLIP_MEAN, CLIP_STD)}
+
+
+def norm_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of the pixel normalisation ``name``; an unknown name is an error, never a default."""
+    if name not in IMAGE_NORMS:
+        raise HTCError(f"unknown image normalisation {name!r}; known: {', '.join(IMAGE_NORMS)}")
+    return IMAGE_NORMS[name]
+
+
 def to_rgb(im: Image.Image) -> Image.Image:
     """RGB, with grey-scale and palette converted and alpha composited on white."""
     if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):

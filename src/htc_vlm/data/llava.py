@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from ..configuration import HTCConfig
 from ..errors import HTCError
 from ..layout import image_prompt_ids, left_pad
-from .images import CLIP_MEAN, CLIP_STD, check_header, image_under, load_rgb, to_tensor
+from .images import check_header, image_under, load_rgb, norm_stats, to_tensor
 
 IMAGE = "<image>"
 IGNORE = -100
@@ -132,7 +132,7 @@ class LlavaDataset(Dataset):
         self.images = Path(images)
         self.builder = PromptBuilder(tokenizer, get_template(template), config)
         self.config, self.features, self.max_length = config, features, max_length
-        self.norm = (CLIP_MEAN, CLIP_STD) if image_norm == "clip" else ((0.5,) * 3, (0.5,) * 3)
+        self.norm = norm_stats(image_norm)
         self.resize, self.packed = resize, pack_by_image
         needs_q = config.compression in ("htc", "discrete")
         if needs_q and features is None:

@@ -41,14 +41,23 @@ def _jsonl(path: Path, text: str, what: str):
 
 
 def read_questions(path: str | Path) -> list[dict]:
+    """The rows of a LLaVA-style question file; a row the scorers could not use (a missing or
+    wrong-typed field, a duplicate id, a line that is not JSON or not UTF-8) is named by its line."""
     path = Path(path)
     if not path.is_file():
         raise HTCError(f"question file not found: {path}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise HTCError(f"{path}:{line}: not UTF-8 text") from e
     rows, seen = [], {}
-    for n, row in _jsonl(path, path.read_text(), "JSON"):
-        for key in ("question_id", "image", "text"):
-            if key not in row:
-                raise HTCError(f"{path}:{n}: missing {key!r}")
+    for n, row in _jsonl(path, text, "JSON"):
+        if not isinstance(row, dict):
+            raise HTCError(f"{path}:{n}: not a JSON object")
+        problem = _question_problem(row)
+        if problem:
+            raise HTCError(f"{path}:{n}: {problem}")
         qid = str(row["question_id"])
         if qid in seen:
             raise HTCError(f"{path}:{n}: duplicate question_id {qid!r} (first on line {seen[qid]})")
@@ -57,6 +66,31 @@ def read_questions(path: str | Path) -> list[dict]:
     if not rows:
         raise HTCError(f"{path} holds no questions")
     return rows
+
+
+def _question_problem(row: dict) -> str | None:
+    """What makes a question row unusable, or None."""
+    for key in ("question_id", "image", "text"):
+        if key not in row:
+            return f"missing {key!r}"
+    if not isinstance(row["question_id"], (str, int)) or isinstance(row["question_id"], bool):
+        return f"question_id must be a string or an integer, got {row['question_id']!r}"
+    if not isinstance(row["text"], str):
+        return f"text must be a string, got {row['text']!r}"
+    answers = row.get("answers")
+    if answers is not None:
+        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+            return "answers must be a non-empty list of strings"
+    elif not isinstance(row.get("answer"), str):
+        return "missing 'answer' (the reference the scorer compares with)" if "answer" not in row else \
+            f"answer must be a string, got {row['answer']!r}"
+    if "options" in row:
+        opts = row["options"]
+        if not isinstance(opts, list) or not 2 <= len(opts) <= 8 or not all(isinstance(o, str) for o in opts):
+            return "options must be a list of 2 to 8 strings"
+        if row.get("answer") not in tuple("ABCDEFGH"[:len(opts)]):
+            return f"answer must be one of the option letters {'ABCDEFGH'[:len(opts)]}, got {row.get('answer')!r}"
+    return None
 
 
 def _read_predictions(path: Path, benchmark: str, key: dict | None = None) -> dict[str, str]:
@@ -160,6 +194,7 @@ def run_eval(model, tokenizer, benchmark: str, questions_file: str | Path, image
              progress=None, model_name: str = "") -> dict:
     bench = get_benchmark(benchmark)
     rows = scored_rows(benchmark, questions_file)
+    source = ImageEncoder(model, features, image_norm=image_norm, resize=resize, root=Path(images))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pred_path = out / "predictions.jsonl"
@@ -169,7 +204,6 @@ def run_eval(model, tokenizer, benchmark: str, questions_file: str | Path, image
     if not done:
         atomic_write_bytes(out / KEY_FILE, (json.dumps(key, indent=1) + "\n").encode())
     todo = [r for r in rows if r["question_id"] not in done]
-    source = ImageEncoder(model, features, image_norm=image_norm, resize=resize, root=Path(images))
     size = model.config.vision_config.image_size
     for name, qid in {r["image"]: r["question_id"] for r in reversed(todo)}.items():  # each image, its first question
         try:

@@ -192,6 +192,9 @@ def scaled_layers(layers_of_32: tuple[int, ...], num_layers: int) -> tuple[int, 
     kept inside the model and strictly increasing."""
     out = []
     for layer in layers_of_32:
+        if not 1 <= layer <= 31:
+            raise HTCError(f"pruning layer {layer} is outside 1-31 (layers are given as in the papers' 32-layer "
+                           f"LLaVA-7B and scaled to this model's {num_layers})")
         x = min(num_layers - 1, max(0, round(layer * num_layers / 32)))
         if out and x <= out[-1]:
             x = out[-1] + 1

@@ -13,6 +13,9 @@ from typing import Any
 
 import yaml
 
+from ..configuration import COMPRESSIONS, FUSIONS, VISION_ATTENTIONS
+from ..data.images import IMAGE_NORMS
+from ..data.llava import TEMPLATES
 from ..errors import HTCError
 
 STAGES = ("vision", "align", "instruct", "compress")
@@ -128,6 +131,22 @@ class TrainConfig:
         for part in self.trainable or ():
             if part not in PARTS:
                 raise HTCError(f"unknown trainable part {part!r}; parts: {', '.join(PARTS)}")
+        m, d = self.model, self.data
+        for name, value, known in (("model.compression", m.compression, COMPRESSIONS),
+                                   ("model.vision_attention", m.vision_attention, VISION_ATTENTIONS),
+                                   ("model.fusion", m.fusion, FUSIONS),
+                                   ("model.attn_implementation", m.attn_implementation, ("sdpa", "eager")),
+                                   ("data.image_norm", d.image_norm, tuple(IMAGE_NORMS)),
+                                   ("data.template", d.template, tuple(TEMPLATES))):
+            if value is not None and value not in known:
+                raise HTCError(f"unknown {name} {value!r}; known: {', '.join(known)}")
+        for name, value, least in (("model.num_voco", m.num_voco, 1), ("model.pool_tokens", m.pool_tokens, 1),
+                                   ("model.num_anchors", m.num_anchors, 1), ("data.max_length", d.max_length, 1),
+                                   ("data.val_items", d.val_items, 0),
+                                   ("optim.per_device_train_batch_size", self.optim.per_device_train_batch_size, 1),
+                                   ("optim.gradient_accumulation_steps", self.optim.gradient_accumulation_steps, 1)):
+            if value is not None and value < least:
+                raise HTCError(f"{name} must be at least {least}, got {value}")
 
     def trainable_prefixes(self) -> tuple[str, ...]:
         parts = self.trainable if self.trainable is not None else DEFAULT_TRAINABLE[self.stage]
@@ -157,17 +176,38 @@ def _merge(base: dict, update: dict, where: str, schema) -> dict:
 
 
 def _coerce(value, annotation: str, name: str):
-    """YAML 1.1 reads ``2e-5`` as a string; numbers go to their field's type, with a clear error."""
+    """``value`` as its field's type, or an HTCError naming the key: YAML 1.1 reads ``2e-5`` as a
+    string, so numbers may come as text; anything else of the wrong kind (``bf16=maybe``, a number
+    for a list) is refused rather than carried into training."""
     kinds = {t.strip() for t in str(annotation).split("|")}
-    if value is None or isinstance(value, bool):
-        return value
+    if value is None:
+        if "None" in kinds:
+            return None
+        raise HTCError(f"config key {name} must be given a value")
+    if "bool" in kinds:
+        if isinstance(value, bool):
+            return value
+        raise HTCError(f"config key {name} must be true or false, got {value!r}")
+    if isinstance(value, bool):  # YAML's yes / no / on / off are booleans: never a number or a name here
+        raise HTCError(f"config key {name} must be {' or '.join(sorted(kinds - {'None'}))}, got {value!r}")
     try:
-        if "float" in kinds and isinstance(value, (int, str)):
+        if "float" in kinds and isinstance(value, (int, float, str)):
             return float(value)
-        if "int" in kinds and isinstance(value, str):
-            return int(value)
+        if "int" in kinds and isinstance(value, (int, float, str)):
+            number = float(value)
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
     except ValueError:
-        raise HTCError(f"config key {name} must be a number, got {value!r}") from None
+        raise HTCError(f"config key {name} must be a{'n integer' if 'int' in kinds else ' number'}, got {value!r}") from None
+    if "str" in kinds:
+        if isinstance(value, (str, int, float)):
+            return str(value)
+        raise HTCError(f"config key {name} must be a string, got {value!r}")
+    if "list[str]" in kinds:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        raise HTCError(f"config key {name} must be a list of names, e.g. [projector, language_model], got {value!r}")
     return value
 
 

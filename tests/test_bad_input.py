@@ -351,3 +351,21 @@ def test_an_output_path_that_cannot_be_written_is_one_clear_error(model_dir, sce
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "error:" in err and str(blocker) in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------- feature stores
+
+
+@pytest.mark.parametrize("index, message", [
+    ({"weight_map": {"a.png": "../outside.safetensors"}}, "names a shard outside its folder"),
+    ({"weight_map": {"a.png": "/etc/passwd"}}, "names a shard outside its folder"),
+    ({"weights": {}}, "is not a feature-store index"),
+    ([1, 2], "is not a feature-store index"),
+])
+def test_a_feature_store_index_cannot_point_outside_its_folder(tmp_path, index, message):
+    from htc_vlm.vq.store import FeatureStore
+
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "f.index.json").write_text(json.dumps(index))
+    with pytest.raises(HTCError, match=message):
+        FeatureStore(tmp_path / "s" / "f.safetensors")

@@ -59,9 +59,15 @@ class FeatureStore:
         path = Path(path)
         index = path if path.name.endswith(".index.json") else path.with_name(f"{path.stem}.index.json")
         if index.exists():
-            data = json.loads(index.read_text())
-            self._where = {i: index.parent / shard for i, shard in data["weight_map"].items()}
+            try:
+                where = json.loads(index.read_text())["weight_map"]
+                self._where = {i: index.parent / shard for i, shard in where.items()}
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise HTCError(f"{index} is not a feature-store index ({type(e).__name__}: {e})") from e
             files = sorted(set(self._where.values()))
+            for f in files:  # shards live beside their index: never read a file named from elsewhere
+                if f.parent.resolve() != index.parent.resolve():
+                    raise HTCError(f"{index} names a shard outside its folder: {f}")
         elif path.exists():
             files = [path]
             self._where = None

@@ -55,8 +55,13 @@ def test_mme_acc_plus_needs_both_answers_of_an_image():
     m = mme.score(qs, {"1": "Yes", "2": "yes", "3": "yes", "4": "No, it is not."})
     t = m["per_task"]["color"]
     assert (t["acc"], t["acc_plus"], t["score"]) == (75.0, 50.0, 125.0)
-    assert m["perception"] == 125.0
+    assert m["perception"] == 125.0 and m["cognition"] == 0
     assert mme.parse("maybe") == "other"
+    # cognition sub-tasks are reported apart, as calculation.py does; they never add to perception
+    cog = [q | {"question_id": "c" + q["question_id"], "category": "code_reasoning"} for q in qs]
+    m = mme.score(qs + cog, {"1": "Yes", "2": "yes", "3": "yes", "4": "No, it is not.",
+                             "c1": "yes", "c2": "no", "c3": "yes", "c4": "no"})
+    assert m["perception"] == 125.0 and m["cognition"] == 200.0
 
 
 # ---------------------------------------------------------------------- multiple choice

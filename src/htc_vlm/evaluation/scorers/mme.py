@@ -1,5 +1,8 @@
 """MME (Fu et al. 2023): per sub-task ``acc`` (questions right) + ``acc+`` (images with both of
-their two questions right), each in percent; the perception score is their sum over sub-tasks.
+their two questions right), each in percent. As the official ``calculation.py`` reports them, the
+perception score sums the perception sub-tasks and the cognition score the four cognition ones
+(commonsense reasoning, numerical calculation, text translation, code reasoning), apart; a
+sub-task of neither official list (the scene benchmark's own) counts as perception.
 
 A prediction is read as the official ``calculation.py`` does: "yes" / "no" if it is exactly one
 (lower-cased), else by "yes" or "no" in its first four characters, else "other" (always wrong).
@@ -9,6 +12,8 @@ Rows carry their sub-task in ``category`` and their image in ``image``.
 from __future__ import annotations
 
 from collections import defaultdict
+
+COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
 
 
 def parse(text: str) -> str:
@@ -30,4 +35,6 @@ def score(questions: list[dict], predictions: dict[str, str]) -> dict:
         acc = 100 * sum(answers) / len(answers)
         acc_plus = 100 * sum(all(rs) for rs in images.values()) / len(images)
         per_task[task] = {"acc": acc, "acc_plus": acc_plus, "score": acc + acc_plus}
-    return {"perception": sum(t["score"] for t in per_task.values()), "per_task": per_task, "n": len(questions)}
+    return {"perception": sum(t["score"] for k, t in per_task.items() if k not in COGNITION),
+            "cognition": sum(t["score"] for k, t in per_task.items() if k in COGNITION),
+            "per_task": per_task, "n": len(questions)}

@@ -31,6 +31,17 @@ def test_gqa_exact_match_after_normalisation():
     assert gqa.score(qs, {"1": "Left.", "2": "light blue"})["accuracy"] == 50.0
 
 
+@pytest.mark.parametrize("pred, right", [
+    ("left", True), ("Left", True), ("LEFT...", True), (" left. ", True), ("left!", False), ("the left", False),
+    ("Left side", False), ("left,", False), ("", False), ("left\nright", False), ("lEfT.", True), ("left .", False),
+])
+def test_gqa_follows_llava_convert_gqa_for_eval(pred, right):
+    """rstrip('.') and lower() on the stripped answer, then exact match: articles, other punctuation
+    and number words are not normalised (LLaVA's scripts/convert_gqa_for_eval.py + GQA eval.py)."""
+    assert (gqa.score([{"question_id": "1", "answer": "left"}], {"1": pred})["accuracy"] == 100.0) is right
+    assert gqa.score([{"question_id": "1", "answer": "2"}], {"1": "two"})["accuracy"] == 0.0
+
+
 # ---------------------------------------------------------------------- POPE
 
 

@@ -231,6 +231,7 @@ def run_eval(model, tokenizer, benchmark: str, questions_file: str | Path, image
             done[a["question_id"]] = a["prediction"]
     metrics = bench.score(rows, done)
     result = {"benchmark": bench.name, "method": method, "model": model_name, "questions": str(questions_file),
-              "scores": {bench.name: metrics[bench.headline]}, "metrics": metrics, "run_key": key}
+              "scores": {bench.name: metrics[bench.headline]}, "metrics": metrics, "protocol": bench.source,
+              "run_key": key}
     atomic_write_bytes(out / "metrics.json", (json.dumps(result, indent=1) + "\n").encode())
     return result

@@ -143,7 +143,7 @@ def test_eval_never_mixes_another_runs_predictions(model_dir, make_model_dir, sc
     assert _eval(model_dir, test, scenes_dir / "images", out) == 0
     key = json.loads((out / "predictions.key.json").read_text())
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["run_key"] == key and metrics["protocol"] == "VQAv2 rules, one reference answer"
+    assert metrics["run_key"] == key and metrics["protocol"] == "VQA accuracy, every answer normalised, one reference answer"
     fewer = _questions(tmp_path / "fewer.jsonl", [json.loads(x) for x in test.read_text().splitlines()[:3]])
     before = (out / "predictions.jsonl").read_bytes()
     assert _eval(model_dir, fewer, scenes_dir / "images", out) == 2

@@ -169,7 +169,7 @@ def load_model(model_dir: Path, method: str = "model", budget: int | None = None
 @app.command("eval")
 def eval_cmd(
     model: Annotated[Path, typer.Option(help="Model folder (a training stage's model/).")],
-    benchmark: Annotated[str, typer.Option(help="vqav2, gqa, textvqa, pope, mme, mmbench, seed, scienceqa_img, scenes_open.")],
+    benchmark: Annotated[str, typer.Option(help="vqav2, vqav2_normalized, gqa, textvqa, pope, mme, mmbench, seed, scienceqa_img, scenes_open.")],
     questions: Annotated[Path, typer.Option(help="LLaVA-style question JSONL.")],
     images: Annotated[Path, typer.Option(help="Image folder the questions' image fields are relative to.")],
     out: Annotated[Path, typer.Option(help="Output folder: predictions.jsonl and metrics.json.")],

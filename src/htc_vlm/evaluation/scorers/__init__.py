@@ -26,8 +26,12 @@ class Benchmark:
 
 SHORT = "Answer the question using a single word or phrase."
 BENCHMARKS = {b.name: b for b in (
-    Benchmark("vqav2", vqa.score, "accuracy", SHORT, source="VQAv2 official vqaEval.py"),
-    Benchmark("textvqa", vqa.score, "accuracy", SHORT, source="VQAv2 official vqaEval.py (TextVQA uses it)"),
+    Benchmark("vqav2", vqa.scorer("vqaeval"), "accuracy", SHORT,
+              source="VQAv2 official vqaEval.py: answers normalised only where the humans disagree"),
+    Benchmark("vqav2_normalized", vqa.scorer("normalized"), "accuracy", SHORT,
+              source="VQA accuracy with every answer normalised (EvalAI's processor, as lmms-eval)"),
+    Benchmark("textvqa", vqa.scorer("textvqa"), "accuracy", SHORT,
+              source="TextVQA m4c_evaluator (EvalAI's answer processor on both sides)"),
     Benchmark("gqa", gqa.score, "accuracy", SHORT, source="GQA exact match after LLaVA-1.5's convert_gqa_for_eval (rstrip '.', lower)"),
     Benchmark("pope", pope.score, "f1", SHORT, source="POPE (LLaVA eval_pope parsing)"),
     Benchmark("mme", mme.score, "perception", source="MME official calculation.py"),
@@ -36,7 +40,8 @@ BENCHMARKS = {b.name: b for b in (
     Benchmark("seed", mcq.score, "accuracy", multiple_choice=True, source="SEED-Bench letter accuracy"),
     Benchmark("scienceqa_img", mcq.score, "accuracy", multiple_choice=True, source="ScienceQA-IMG letter accuracy"),
     # The generated scene benchmark's open family is scored like VQAv2 with its single answer.
-    Benchmark("scenes_open", vqa.score, "accuracy", source="VQAv2 rules, one reference answer"),
+    Benchmark("scenes_open", vqa.scorer("normalized"), "accuracy",
+              source="VQA accuracy, every answer normalised, one reference answer"),
 )}
 
 

@@ -1,11 +1,22 @@
-"""VQAv2 accuracy, as the official ``vqaEval.py`` (Agrawal et al.) computes it.
+"""VQA accuracy: ``min(#matching humans / 3, 1)`` averaged over the 10 leave-one-out subsets of the
+10 human answers, under one of three answer-processing rules:
 
-Answers are normalised (punctuation, number words to digits, articles dropped, contractions
-restored) and a prediction's accuracy is ``min(#matching humans / 3, 1)`` averaged over the 10
-leave-one-out subsets of the 10 human answers. The official script normalises only when the
-human answers differ; LLaVA and lmms-eval normalise every prediction before scoring (EvalAI's
-answer processor), which is what we do, normalising the references too. A question file row
-gives its references in ``answers`` (a list, VQAv2 / TextVQA) or ``answer`` (one string).
+``vqaeval`` (``vqav2``)
+    The official ``vqaEval.py`` (GT-Vision-Lab/VQA, after its commit "Fixed processing answers
+    bug"): prediction and human answers lose new lines, tabs and surrounding spaces; only when the
+    human answers differ are both normalised (punctuation, number words to digits, articles dropped,
+    contractions restored). When all ten agree the raw prediction is compared: "Yes." or "two"
+    against ten "yes" / "2" scores 0.
+``normalized`` (``vqav2_normalized``, ``scenes_open``)
+    Both sides always normalised as above (EvalAI's answer processor without its tokenising step;
+    what most reimplementations do): "Yes." and "two" score 1 there.
+``textvqa`` (``textvqa``)
+    TextVQA's ``m4c_evaluator``: EvalAI's full processor on both sides, always; it first lower-cases,
+    deletes "," and "?" and splits "'s" off its word (so "hello,world" becomes "helloworld", and
+    "mcdonald's" "mcdonald 's").
+
+A question file row gives its references in ``answers`` (a list, VQAv2 / TextVQA) or ``answer`` (one
+string, counted as ten identical humans).
 """
 
 from __future__ import annotations
@@ -62,10 +73,25 @@ def normalize(answer: str) -> str:
     return _digits_articles(_punctuation(answer))
 
 
-def accuracy(prediction: str, references: list[str]) -> float:
+def _textvqa(answer: str) -> str:
+    """EvalAI's answer processor as TextVQA's m4c_evaluator applies it (its tokenising step first)."""
+    return normalize(answer.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip())
+
+
+RULES = ("vqaeval", "normalized", "textvqa")
+
+
+def accuracy(prediction: str, references: list[str], rule: str = "normalized") -> float:
     """Leave-one-out VQA accuracy in [0, 1] (a single reference counts as ten identical humans)."""
-    refs = [normalize(r) for r in (references if len(references) > 1 else references * 10)]
-    pred = normalize(prediction)
+    refs = references if len(references) > 1 else references * 10
+    if rule == "textvqa":
+        refs, pred = [_textvqa(r) for r in refs], _textvqa(prediction)
+    elif rule == "normalized" or (rule == "vqaeval" and len(set(_clean(r) for r in refs)) > 1):
+        refs, pred = [normalize(r) for r in refs], normalize(prediction)
+    elif rule == "vqaeval":
+        refs, pred = [_clean(r) for r in refs], _clean(prediction)
+    else:
+        raise ValueError(f"unknown VQA rule {rule!r}; rules: {', '.join(RULES)}")
     accs = []
     for i in range(len(refs)):
         matches = sum(1 for j, r in enumerate(refs) if j != i and r == pred)
@@ -73,6 +99,18 @@ def accuracy(prediction: str, references: list[str]) -> float:
     return sum(accs) / len(accs)
 
 
-def score(questions: list[dict], predictions: dict[str, str]) -> dict:
-    per = [accuracy(predictions[q["question_id"]], q.get("answers") or [q["answer"]]) for q in questions]
-    return {"accuracy": 100 * sum(per) / len(per), "n": len(per)}
+def _clean(answer: str) -> str:
+    return answer.replace("\n", " ").replace("\t", " ").strip()
+
+
+def scorer(rule: str):
+    """``score(questions, predictions)`` under ``rule``."""
+
+    def score(questions: list[dict], predictions: dict[str, str]) -> dict:
+        per = [accuracy(predictions[q["question_id"]], q.get("answers") or [q["answer"]], rule) for q in questions]
+        return {"accuracy": 100 * sum(per) / len(per), "n": len(per), "rule": rule}
+
+    return score
+
+
+score = scorer("normalized")

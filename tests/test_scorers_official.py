@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from htc_vlm.evaluation.scorers import get_benchmark, pope, vqa
+from htc_vlm.evaluation.scorers import get_benchmark, mcq, pope, vqa
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "official_scores.json").read_text())
 
@@ -44,3 +44,41 @@ def test_pope_reading_equals_llava_eval_pope_on_every_item():
     wrong = [(it["prediction"], pope.parse(it["prediction"]), it["official"]) for it in items
              if pope.parse(it["prediction"]) != it["official"]]
     assert len(items) >= 80 and not wrong, wrong[:5]
+
+
+MC = json.loads((Path(__file__).parent / "fixtures" / "official_mc.json").read_text())
+
+
+def test_mmbench_letters_equal_vlmevalkit_can_infer_on_every_item():
+    sets, items = MC["option_sets"], MC["mc"]
+    wrong = [(it["prediction"], it["options"], mcq.extract(it["prediction"], sets[it["options"]]), it["vlmevalkit"])
+             for it in items if mcq.extract(it["prediction"], sets[it["options"]]) != it["vlmevalkit"]]
+    assert len(items) >= 300 and not wrong, wrong[:5]
+
+
+# SEED-Bench and ScienceQA-IMG: LLaVA-1.5's scripts, derived by hand from their few lines
+# (scripts/convert_seed_for_submission.py: text == answer; llava/eval/eval_science_qa.py: "X", "X. ...",
+# or exactly one "The answer is X" (any character after X), a letter past the choices is wrong).
+@pytest.mark.parametrize("text, letter", [
+    ("B", "B"), (" B ", "B"), ("B.", None), ("(B)", None), ("b", None), ("B. cat", None), ("The answer is B.", None),
+    ("cat", None), ("", None), ("E", None), ("BC", None), ("B\n", "B"),
+])
+def test_seed_reads_an_exact_letter_only(text, letter):
+    assert mcq.read_seed(text, ["dog", "cat", "cow", "hen"]) == letter
+
+
+@pytest.mark.parametrize("text, letter", [
+    ("B", "B"), ("E", "E"), ("B. cat", "B"), ("B.cat", None), ("B.", None), ("(B)", None), (" B", None),
+    ("The answer is B.", "B"), ("The answer is B", None), ("The answer is Bx", "B"), ("the answer is B.", None),
+    ("The answer is B. The answer is C.", None), ("I think The answer is C!", "C"), ("b", None), ("", None),
+    ("BC", None), ("F", None), ("The answer is F.", None), ("A. ", "A"),
+])
+def test_scienceqa_reads_as_llava_eval_science_qa(text, letter):
+    assert mcq.read_scienceqa(text, None) == letter  # a row without options: LLaVA's A-E
+
+
+def test_scienceqa_letter_past_the_choices_is_wrong():
+    assert mcq.read_scienceqa("D", ["a", "b", "c"]) is None and mcq.read_scienceqa("C", ["a", "b", "c"]) == "C"
+    q = [{"question_id": "1", "answer": "C", "options": ["a", "b", "c"]}]
+    assert get_benchmark("scienceqa_img").score(q, {"1": "C. c"})["accuracy"] == 100.0
+    assert get_benchmark("seed").score(q, {"1": "C. c"})["accuracy"] == 0.0

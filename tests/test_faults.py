@@ -85,3 +85,19 @@ def test_compress_killed_mid_run_keeps_finished_caches_and_completes(model_dir, 
     for a, b in zip(caches(), whole):  # the same content (safetensors orders its metadata per process)
         x, y = VisualCache.load(a), VisualCache.load(b)
         assert x.meta == y.meta and all(torch.equal(s, t) for s, t in zip(x.keys + x.values, y.keys + y.values))
+
+
+def test_two_processes_compressing_into_one_folder_leave_only_whole_caches(model_dir, scenes_dir, tmp_path):
+    from htc_vlm import VisualCache
+
+    images = [str(p) for p in sorted((scenes_dir / "images").glob("test_*.png"))]
+    out = tmp_path / "shared"
+    args = [sys.executable, "-c", RUN, "compress", "--model", str(model_dir), "--batch-size", "1", "--out", str(out)]
+    procs = [subprocess.Popen(args + order, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for order in (images, images[::-1])]  # both write every image, meeting in the middle
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    files = sorted(out.glob("*.safetensors"))
+    assert len(files) == len(images)
+    for f in files:
+        VisualCache.load(f)
+    assert not [f for f in out.iterdir() if f.name.startswith(".")]  # no temporary file left behind

@@ -130,7 +130,7 @@ def test_encode_discrete_converts_grey_and_rgba_and_names_bad_files(tmp_path, ca
     (folder / "broken.png").write_bytes(b"not a png")
     MultiGroupVQ(_small()).save(tmp_path / "tok")
     assert main(["encode-discrete", "--tokenizer", str(tmp_path / "tok"), "--images", str(folder),
-                 "--out", str(tmp_path / "q.safetensors")]) == 0
+                 "--out", str(tmp_path / "q.safetensors")]) == 1  # the good images written, exit 1
     err = capsys.readouterr().err
-    assert "small.png is 32x32 but 64x64" in err and "broken.png" in err
+    assert "small.png is 32x32 but 64x64" in err and "broken.png" in err and "2 failed" in err
     assert FeatureStore(tmp_path / "q.safetensors").ids() == ["grey.png", "rgba.png"]

@@ -115,7 +115,7 @@ def encode_discrete(
         task = bar.add_task("encoding", total=n)
         feats, failed = encode_folder(model, images, batch_size, progress=lambda k: bar.advance(task, k))
     for msg in failed:
-        console.print(f"[yellow]skipped:[/yellow] {msg}", highlight=False)
+        console.print(f"[red]failed:[/red] {msg}", highlight=False)
     if not feats:
         raise HTCError(f"no image of {images} could be encoded")
     cfg = model.config
@@ -123,6 +123,8 @@ def encode_discrete(
                                                    "q_dim": cfg.q_dim, "tokenizer": str(folder)})
     console.print(f"wrote q ({cfg.q_dim} values) of {len(feats)} images to {out}"
                   + (f"; {len(failed)} failed" if failed else ""))
+    if failed:
+        raise typer.Exit(1)  # the rest is written; exit 1 says that some images were not
 
 
 @app.command(context_settings={"allow_extra_args": False})

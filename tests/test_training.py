@@ -359,3 +359,23 @@ def test_compress_run_stops_when_its_validation_loss_is_flat(instructed):
         load_config("tiny", ["stage=compress", "optim.stop_when_flat=0.01"])
     with pytest.raises(HTCError, match="eval_steps needs data.val_conversations"):
         load_config("tiny", ["stage=compress", "optim.eval_steps=5"])
+
+
+def test_the_image_normalisation_is_saved_with_the_model_and_used_everywhere(instructed, tmp_path, capsys):
+    """A model trained on CLIP-normalised pixels records it; eval / compress / ask feed it the same
+    pixels without being told, and refuse another normalisation."""
+    from htc_vlm.inference import ImageEncoder
+
+    run = instructed
+    assert main(["train", "--config", "tiny", *_args(run, "compress", "c-clip", "optim.max_steps=1",
+                                                      f"model.init={run / 'instruct' / 'model'}",
+                                                      "model.compression=voco", "data.image_norm=clip")]) == 0
+    model = HTCForConditionalGeneration.from_pretrained(run / "c-clip" / "model")
+    assert model.config.image_norm == "clip"
+    assert ImageEncoder(model).image_norm == "clip"
+    assert HTCForConditionalGeneration.from_pretrained(run / "instruct" / "model").config.image_norm == "half"
+    capsys.readouterr()
+    assert main(["eval", "--model", str(run / "c-clip" / "model"), "--benchmark", "scenes_open", "--questions",
+                 str(run / "scenes" / "test" / "open.jsonl"), "--images", str(run / "scenes" / "images"),
+                 "--out", str(tmp_path / "ev"), "--image-norm", "half"]) == 2
+    assert "the model was trained with 'clip'" in capsys.readouterr().err

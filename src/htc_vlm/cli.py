@@ -182,7 +182,8 @@ def eval_cmd(
     template: Annotated[str, typer.Option(help="Chat template: plain or vicuna_v1.")] = "plain",
     batch_size: Annotated[int, typer.Option(min=1, help="Questions per batch.")] = 32,
     likelihood: Annotated[bool, typer.Option(help="Multiple choice by the likelihood of each option letter.")] = False,
-    image_norm: Annotated[str, typer.Option(help="half ([-1, 1]) or clip.")] = "half",
+    image_norm: Annotated[str | None, typer.Option(help="half ([-1, 1]) or clip; default and only accepted value: "
+                                                        "the model's own (config.json image_norm).")] = None,
 ) -> None:
     """Answer a question file (each image compressed once) and score it; resumes after a crash."""
     from .evaluation.runner import read_questions, run_eval
@@ -243,7 +244,7 @@ def retention(
         atomic_write_bytes(out, (json.dumps(t, indent=1) + "\n").encode())
 
 
-def _image_encoder(model, features: Path | None, vq: Path | None, image_norm: str = "half"):
+def _image_encoder(model, features: Path | None, vq: Path | None):
     from .inference import ImageEncoder
     from .vq.model import MultiGroupVQ
     from .vq.store import FeatureStore
@@ -255,7 +256,7 @@ def _image_encoder(model, features: Path | None, vq: Path | None, image_norm: st
         if tok.config.q_dim != model.config.discrete_dim:
             raise HTCError(f"the VQ tokenizer {vq} gives q of length {tok.config.q_dim}; the model expects "
                            f"{model.config.discrete_dim}")
-    return ImageEncoder(model, store, tok, image_norm)
+    return ImageEncoder(model, store, tok)
 
 
 @app.command()

@@ -13,6 +13,7 @@ from typing import Literal
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from .data.images import IMAGE_NORMS
 from .errors import HTCError
 
 COMPRESSIONS = ("none", "voco", "htc", "discrete", "avgpool", "qformer")
@@ -83,6 +84,9 @@ class HTCConfig(PreTrainedConfig):
     vision_attention: str = "causal"
     fusion: str = "pre"
     tie_word_embeddings: bool = False
+    # The pixel normalisation the tower was trained with (data/images.py IMAGE_NORMS), saved with the
+    # model so that every path (eval, compress, ask, lmms-eval) feeds it the pixels it learnt on.
+    image_norm: str = "half"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -92,6 +96,7 @@ class HTCConfig(PreTrainedConfig):
             ("fusion", self.fusion, FUSIONS),
             ("projector_type", self.projector_type, PROJECTORS),
             ("vision_feature_select_strategy", self.vision_feature_select_strategy, ("default", "full")),
+            ("image_norm", self.image_norm, tuple(IMAGE_NORMS)),
         ):
             if value not in allowed:
                 raise HTCError(f"unknown {name} {value!r}; known: {', '.join(allowed)}")

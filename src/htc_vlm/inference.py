@@ -28,12 +28,18 @@ class ImageEncoder:
     model: HTCForConditionalGeneration
     features: object | None = None  # a FeatureStore
     tokenizer_vq: object | None = None  # a MultiGroupVQ
-    image_norm: str = "half"
+    image_norm: str | None = None  # None: the model's (config.image_norm); another name is refused
     resize: bool = False
     root: Path | None = None  # the folder image ids are relative to (question files, LLaVA data)
 
     def __post_init__(self):
+        trained = getattr(self.model.config, "image_norm", "half")
+        if self.image_norm is None:
+            self.image_norm = trained
         norm_stats(self.image_norm)  # an unknown name fails here, before any image
+        if self.image_norm != trained:
+            raise HTCError(f"image normalisation {self.image_norm!r} given, but the model was trained with "
+                           f"{trained!r} (saved in its config.json): leave the option out")
         if self.model.config.compression in ("htc", "discrete") and self.features is None and self.tokenizer_vq is None:
             raise HTCError(f"compression={self.model.config.compression!r} needs q: pass --features (a feature "
                            f"store) or --vq (a tokenizer folder)")

@@ -30,7 +30,7 @@ class HTCLmms(lmms):
     is_simple = True
 
     def __init__(self, pretrained: str, method: str = "model", vq: str | None = None, features: str | None = None,
-                 template: str = "plain", image_norm: str = "half", resize: bool = True, max_new_tokens: int = 32,
+                 template: str = "plain", image_norm: str | None = None, resize: bool = True, max_new_tokens: int = 32,
                  **kwargs):
         super().__init__()
         from ..vq.model import MultiGroupVQ

@@ -190,7 +190,7 @@ def scored_rows(benchmark: str, questions_file: str | Path) -> list[dict]:
 
 def run_eval(model, tokenizer, benchmark: str, questions_file: str | Path, images: str | Path, out: str | Path,
              method: str = "model", features=None, template: str = "plain", batch_size: int = 32,
-             max_new_tokens: int = 8, likelihood: bool = False, image_norm: str = "half", resize: bool = False,
+             max_new_tokens: int = 8, likelihood: bool = False, image_norm: str | None = None, resize: bool = False,
              progress=None, model_name: str = "") -> dict:
     bench = get_benchmark(benchmark)
     rows = scored_rows(benchmark, questions_file)
@@ -199,7 +199,7 @@ def run_eval(model, tokenizer, benchmark: str, questions_file: str | Path, image
     out.mkdir(parents=True, exist_ok=True)
     pred_path = out / "predictions.jsonl"
     key = run_key(model, bench.name, questions_file, method=method, template=template, max_new_tokens=max_new_tokens,
-                  likelihood=likelihood, image_norm=image_norm, resize=resize)
+                  likelihood=likelihood, image_norm=source.image_norm, resize=resize)
     done = _read_predictions(pred_path, bench.name, key)
     if not done:
         atomic_write_bytes(out / KEY_FILE, (json.dumps(key, indent=1) + "\n").encode())

@@ -201,6 +201,7 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(cfg.data.tokenizer)
     torch.manual_seed(cfg.optim.seed)
     model = _load_htc(cfg, tokenizer)
+    model.config.image_norm = cfg.data.image_norm  # saved with every checkpoint: how to feed the tower
     if cfg.stage == "compress" and model.config.compression == "none":
         raise HTCError("the compress stage needs model.compression = voco, htc, discrete, avgpool or qformer")
     if cfg.stage in ("align", "instruct") and model.config.compression != "none":

@@ -318,6 +318,45 @@ def ask(
 
 
 @app.command()
+def serve(
+    model: Annotated[Path, typer.Option(help="A compressing model folder (voco, htc or discrete).")],
+    vq: Annotated[Path | None, typer.Option(help="VQ tokenizer folder computing q of uploaded images (htc / discrete).")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port.")] = 8000,
+    cache_dir: Annotated[Path | None, typer.Option(help="Folder of caches on disk (shared by replicas, kept across restarts).")] = None,
+    cache_memory: Annotated[str, typer.Option(help="Memory for caches, e.g. 2GB (least recently used evicted).")] = "2GB",
+    template: Annotated[str, typer.Option(help="Chat template: plain or vicuna_v1.")] = "plain",
+    max_batch: Annotated[int, typer.Option(min=1, help="Questions answered in one model call.")] = 32,
+    queue_size: Annotated[int, typer.Option(min=1, help="Questions waiting before requests get 429.")] = 256,
+    max_image_mb: Annotated[float, typer.Option(min=0.001, help="Largest image upload, in MB.")] = 20.0,
+    max_image_pixels: Annotated[int, typer.Option(min=1, help="Largest image, in pixels.")] = 4096 * 4096,
+    max_tokens: Annotated[int, typer.Option(min=1, help="The most tokens a request may ask for.")] = 256,
+    name: Annotated[str | None, typer.Option(help="Model name in the API (default: the run folder's name).")] = None,
+) -> None:
+    """Serve a model over an OpenAI-compatible API: each image compressed once, questions batched."""
+    try:
+        import uvicorn
+
+        from .serving.app import create_app
+    except ImportError as e:
+        raise HTCError(f"serving needs the 'serve' extra: pip install -e \".[serve]\" ({e})") from None
+    from .serving.engine import Engine, Limits
+    from .serving.store import CacheStore, parse_bytes
+    from .vq.model import MultiGroupVQ
+
+    m, tok = load_model(model)
+    tok_vq = MultiGroupVQ.load(vq / "tokenizer" if (vq / "tokenizer" / "config.json").exists() else vq) if vq else None
+    store = CacheStore(parse_bytes(cache_memory), cache_dir)
+    limits = Limits(max_image_bytes=int(max_image_mb * 1024 * 1024), max_image_pixels=max_image_pixels,
+                    max_tokens=max_tokens, max_batch=max_batch, queue_size=queue_size)
+    engine = Engine(m, tok, store, template, tok_vq, limits)
+    console.print(f"serving {model} on http://{host}:{port}/v1 (caches: {cache_memory} in memory"
+                  + (f", {cache_dir} on disk)" if cache_dir else ")"), highlight=False)
+    name = name or (model.resolve().parent.name if model.name == "model" else model.resolve().name)
+    uvicorn.run(create_app(engine, name), host=host, port=port, log_level="warning")
+
+
+@app.command()
 def bench(
     model: Annotated[Path | None, typer.Option(help="A compressing model folder to measure.")] = None,
     preset: Annotated[str, typer.Option(help="Without --model: a random-weight preset, tiny or mid.")] = "mid",

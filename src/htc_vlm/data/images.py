@@ -7,6 +7,7 @@ that cannot be decoded, or has another size than the model or tokenizer expects,
 
 from __future__ import annotations
 
+import io
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,6 +62,8 @@ def _decoding(path: Path):
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             yield
+    except HTCError:
+        raise
     except FileNotFoundError as e:
         raise HTCError(f"image not found: {path}") from e
     except IsADirectoryError as e:
@@ -83,6 +86,22 @@ def load_rgb(path: str | Path, size: int | None = None, resize: bool = False) ->
             im.load()
             img = to_rgb(im)
     return fit(img, size, resize, str(path))
+
+
+def decode_image(data: bytes, name: str, size: int | None = None, resize: bool = False,
+                 max_pixels: int | None = None) -> Image.Image:
+    """:func:`load_rgb` for bytes in memory (an upload): ``name`` is only used in errors. With
+    ``max_pixels``, an image with more pixels is refused from its header, before it is decoded."""
+    with _decoding(Path(name)):
+        with Image.open(io.BytesIO(data)) as im:
+            if max_pixels is not None and im.size[0] * im.size[1] > max_pixels:
+                raise HTCError(f"{name} is {im.size[0]}x{im.size[1]}, over the limit of {max_pixels} pixels")
+            if im.format == "PNG":
+                im.verify()
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            img = to_rgb(im)
+    return fit(img, size, resize, name)
 
 
 def check_header(path: str | Path, size: int | None = None, resize: bool = False) -> None:

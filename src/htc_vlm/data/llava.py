@@ -57,6 +57,8 @@ class PromptBuilder:
         self._seen: dict[str, list[int]] = {}  # questions and answers repeat across records
 
     def _ids(self, text: str) -> list[int]:
+        if len(self._seen) > 100_000:  # a long-lived builder (a server) sees unbounded texts
+            self._seen.clear()
         if text not in self._seen:
             self._seen[text] = self.tok(text, add_special_tokens=False)["input_ids"] if text else []
         return list(self._seen[text])

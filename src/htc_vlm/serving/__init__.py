@@ -1,0 +1,1 @@
+"""Serving: one-token caches behind an OpenAI-compatible API (``htc-vlm serve``, extra ``serve``)."""

@@ -1,0 +1,229 @@
+"""The serving engine: images compressed once into their one-token caches, questions from concurrent
+requests answered together in batches, whatever image each one is about.
+
+Every model call runs on one worker thread, so requests never run the model side by side; the event
+loop only queues. A batch stacks the caches of its questions' images (:meth:`VisualCache.cat`), so
+each question attends to its own image's voco entries and nothing else, prefix included.
+
+Shape notation: B questions in a batch, L question length (left-padded), K cached positions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from ..cache import VisualCache
+from ..data.images import decode_image
+from ..data.llava import PromptBuilder, get_template
+from ..errors import HTCError
+from ..inference import ImageEncoder
+from ..layout import check_context, left_pad
+from .store import CacheStore
+
+
+class ServeError(HTCError):
+    """A request the server refuses: ``status`` is its HTTP code, ``param`` the field at fault."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.param, self.code = status, param, code
+
+
+@dataclass
+class Answer:
+    text: str
+    finish_reason: str  # "stop" (end of answer or a stop string) or "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class _Question:
+    cache: VisualCache
+    ids: list[int]
+    max_tokens: int
+    temperature: float
+    stop: list[str]
+    future: asyncio.Future = field(repr=False)
+
+
+@dataclass
+class Limits:
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096
+    max_tokens: int = 256  # the most a request may ask for
+    max_batch: int = 32  # questions answered in one model call
+    batch_wait_s: float = 0.005  # how long a batch waits for more questions once one arrived
+    queue_size: int = 256  # questions waiting; beyond it a request gets 429
+
+
+class Engine:
+    def __init__(self, model, tokenizer, store: CacheStore, template: str = "plain", vq=None,
+                 limits: Limits | None = None):
+        if getattr(model, "question_aware", False):
+            raise HTCError("this method chooses visual tokens per question and has no compress-once cache: "
+                           "it cannot be served from caches (evaluate it with `htc-vlm eval --method ...`)")
+        if not model.config.compresses:
+            raise HTCError(f"the model is compression={model.config.compression!r}: only models whose text sees the "
+                           f"image through voco (voco, htc, discrete) are served from one-token caches")
+        self.model, self.tok, self.store = model.eval(), tokenizer, store
+        self.limits = limits or Limits()
+        self.encoder = ImageEncoder(model, None, vq, resize=True)
+        self.builder = PromptBuilder(tokenizer, get_template(template), model.config)
+        self.prefix = self.builder.prefix_ids()
+        fingerprint = model.fingerprint()
+        self.maker = hashlib.sha256(f"{fingerprint}:{self.prefix}".encode()).hexdigest()[:12]
+        self.store.fingerprint = fingerprint
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="htc-model")
+        self._compressing: dict[str, asyncio.Future] = {}
+        self._queue: asyncio.Queue | None = None
+        self._batcher: asyncio.Task | None = None
+        self.batch_sizes: list[int] = []  # observed, for metrics (the app drains it)
+        self.compressions = 0
+
+    # ------------------------------------------------------------------ images
+
+    def key(self, image_id: str) -> str:
+        return f"{image_id}-{self.maker}"
+
+    @staticmethod
+    def image_id(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()[:32]
+
+    async def add_image(self, data: bytes) -> tuple[str, bool]:
+        """``(id, compressed now)``: the image's id (its content hash) once its cache is stored.
+        Concurrent uploads of one new image compress it once."""
+        if len(data) > self.limits.max_image_bytes:
+            raise ServeError(f"the image is {len(data)} bytes, over the limit of {self.limits.max_image_bytes}",
+                             413, "image_url", "image_too_large")
+        image_id = self.image_id(data)
+        key = self.key(image_id)
+        if key in self.store:
+            return image_id, False
+        if key in self._compressing:
+            await asyncio.shield(self._compressing[key])
+            return image_id, False
+        fut = asyncio.get_running_loop().create_future()
+        self._compressing[key] = fut
+        try:
+            cache = await asyncio.get_running_loop().run_in_executor(self._worker, self._compress, data)
+            self.store.put(key, cache)
+            fut.set_result(True)
+        except BaseException as e:
+            fut.set_exception(e)
+            fut.exception()  # retrieved: waiting uploads get it, nobody else needs to
+            raise
+        finally:
+            del self._compressing[key]
+        return image_id, True
+
+    def _compress(self, data: bytes) -> VisualCache:
+        size = self.model.config.vision_config.image_size
+        try:
+            img = decode_image(data, "the image", size, resize=True, max_pixels=self.limits.max_image_pixels)
+        except HTCError as e:
+            raise ServeError(str(e), 400, "image_url", "invalid_image") from None
+        pix, q = self.encoder.encode([None], [img])
+        with torch.no_grad():
+            cache = self.model.compress(pix, q, prefix_ids=self.prefix)
+        self.compressions += 1
+        return cache
+
+    def cache_for(self, image_id: str) -> VisualCache:
+        cache = self.store.get(self.key(image_id))
+        if cache is None:
+            raise ServeError(f"unknown image id {image_id!r}: upload it to /v1/images or send it as a data: URL",
+                             404, "image_url", "image_not_found")
+        return cache
+
+    # ------------------------------------------------------------------ questions
+
+    async def ask(self, image_id: str, question: str, max_tokens: int, temperature: float = 0.0,
+                  stop: list[str] | None = None) -> Answer:
+        cache = self.cache_for(image_id)
+        ids = self.builder.question_ids(question)
+        try:
+            check_context(self.model.config, cache.next_position + len(ids) + max_tokens, "the question")
+        except HTCError as e:
+            raise ServeError(str(e), 400, "messages", "context_length_exceeded") from None
+        self._start()
+        fut = asyncio.get_running_loop().create_future()
+        try:
+            self._queue.put_nowait(_Question(cache, ids, max_tokens, temperature, list(stop or []), fut))
+        except asyncio.QueueFull:
+            raise ServeError("the server is busy: too many questions waiting; retry shortly", 429,
+                             code="rate_limit_exceeded") from None
+        return await fut
+
+    def _start(self) -> None:
+        if self._batcher is None or self._batcher.done():
+            self._queue = asyncio.Queue(self.limits.queue_size)
+            self._batcher = asyncio.get_running_loop().create_task(self._batch_loop())
+
+    async def _batch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            deadline = time.monotonic() + self.limits.batch_wait_s
+            while len(batch) < self.limits.max_batch:
+                try:
+                    batch.append(self._queue.get_nowait())
+                    continue
+                except asyncio.QueueEmpty:
+                    pass
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), left))
+                except asyncio.TimeoutError:
+                    break
+            for temperature in sorted({q.temperature for q in batch}):  # one sampling setting per model call
+                group = [q for q in batch if q.temperature == temperature and not q.future.cancelled()]
+                if not group:
+                    continue
+                self.batch_sizes.append(len(group))
+                try:
+                    answers = await loop.run_in_executor(self._worker, self._answer, group)
+                except Exception as e:  # noqa: BLE001 -- every waiting request gets the error, the loop goes on
+                    for q in group:
+                        if not q.future.done():
+                            q.future.set_exception(e)
+                    continue
+                for q, a in zip(group, answers):
+                    if not q.future.done():
+                        q.future.set_result(a)
+
+    @torch.no_grad()
+    def _answer(self, group: list[_Question]) -> list[Answer]:
+        caches = VisualCache.cat([q.cache for q in group])  # (B, H, K, Dh) per layer
+        ids, mask = left_pad([q.ids for q in group], self.tok.pad_token_id)  # (B, L)
+        new = max(q.max_tokens for q in group)
+        sample = group[0].temperature > 0
+        out = self.model.generate(ids, visual_cache=caches, attention_mask=mask, max_new_tokens=new,
+                                  do_sample=sample, temperature=group[0].temperature if sample else None,
+                                  top_p=None, top_k=None,
+                                  eos_token_id=self.tok.eos_token_id, pad_token_id=self.tok.pad_token_id)
+        answers = []
+        for q, row in zip(group, out[:, ids.shape[1]:].tolist()):
+            row = row[: q.max_tokens]
+            ended = self.tok.eos_token_id in row
+            if ended:
+                row = row[: row.index(self.tok.eos_token_id)]
+            text = self.tok.decode(row, skip_special_tokens=True).strip()
+            cut = [text.index(s) for s in q.stop if s and s in text]
+            if cut:
+                text, ended = text[: min(cut)], True
+            answers.append(Answer(text, "stop" if ended else "length", q.cache.length + len(q.ids), len(row)))
+        return answers
+
+    def close(self) -> None:
+        if self._batcher is not None:
+            self._batcher.cancel()
+        self._worker.shutdown(wait=False, cancel_futures=True)

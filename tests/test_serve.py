@@ -1,0 +1,236 @@
+"""`htc-vlm serve`: a real server on 127.0.0.1 with a tiny random-weight model, driven by httpx and by
+the official `openai` client."""
+
+import asyncio
+import base64
+import json
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+from transformers import AutoTokenizer  # noqa: E402
+
+from htc_vlm import HTCForConditionalGeneration  # noqa: E402
+from htc_vlm.serving.app import create_app  # noqa: E402
+from htc_vlm.serving.engine import Engine, Limits, ServeError  # noqa: E402
+from htc_vlm.serving.store import CacheStore, parse_bytes  # noqa: E402
+
+
+def _url(path):
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+@pytest.fixture(scope="module")
+def served(make_model_dir, tmp_path_factory):
+    import uvicorn
+
+    model_dir = make_model_dir("voco")
+    model = HTCForConditionalGeneration.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    store = CacheStore(parse_bytes("1MB"), tmp_path_factory.mktemp("caches"))
+    engine = Engine(model, tok, store, limits=Limits(max_image_bytes=200_000, batch_wait_s=0.05, max_tokens=16))
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, "tiny-voco"), host="127.0.0.1", port=0,
+                                           log_level="error", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(500):
+        if server.started:
+            break
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    yield {"base": f"http://127.0.0.1:{port}", "engine": engine, "model": model, "tok": tok, "dir": model_dir}
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def _chat(image_url, question="What color is the circle?", **extra):
+    return {"model": "tiny-voco", "max_tokens": 8,
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
+                                                      {"type": "text", "text": question}]}], **extra}
+
+
+def test_answers_equal_ask_on_the_same_image(served, scenes_dir):
+    from htc_vlm.data.images import load_rgb
+    from htc_vlm.data.llava import PromptBuilder, get_template
+    from htc_vlm.inference import ImageEncoder, ask
+
+    image = sorted((scenes_dir / "images").glob("test_*.png"))[0]
+    r = httpx.post(served["base"] + "/v1/chat/completions", json=_chat(_url(image)), timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["choices"][0]["finish_reason"] in ("stop", "length")
+    model, tok = served["model"], served["tok"]
+    pix, q = ImageEncoder(model).encode([image], [load_rgb(image, 48)])
+    cache = model.compress(pix, q, prefix_ids=PromptBuilder(tok, get_template("plain"), model.config).prefix_ids())
+    assert body["choices"][0]["message"]["content"] == ask(model, tok, cache, ["What color is the circle?"],
+                                                           max_new_tokens=8)[0]
+    assert body["usage"]["completion_tokens"] <= 8
+
+
+def test_upload_once_then_ask_by_id_and_concurrent_uploads_compress_once(served, scenes_dir):
+    image = sorted((scenes_dir / "images").glob("test_*.png"))[1]
+    data = image.read_bytes()
+    before = served["engine"].compressions
+
+    async def upload_many():
+        async with httpx.AsyncClient(base_url=served["base"], timeout=60) as client:
+            return await asyncio.gather(*(client.post("/v1/images", content=data,
+                                                      headers={"content-type": "image/png"}) for _ in range(8)))
+
+    replies = asyncio.run(upload_many())
+    assert {r.status_code for r in replies} == {200}
+    ids = {r.json()["id"] for r in replies}
+    assert len(ids) == 1 and served["engine"].compressions == before + 1
+    url = replies[0].json()["url"]
+    r = httpx.post(served["base"] + "/v1/chat/completions", json=_chat(url), timeout=60)
+    by_data = httpx.post(served["base"] + "/v1/chat/completions", json=_chat(_url(image)), timeout=60)
+    assert r.status_code == by_data.status_code == 200
+    assert r.json()["choices"][0]["message"] == by_data.json()["choices"][0]["message"]
+    assert served["engine"].compressions == before + 1  # the data URL found the same cache
+
+
+def test_questions_about_different_images_are_answered_in_one_batch(served, scenes_dir):
+    images = sorted((scenes_dir / "images").glob("test_*.png"))[2:4]
+    questions = ["What color is the circle?", "How many objects are there?", "Is there a square?", "Where is it?"]
+    requests = [_chat(_url(i), q) for i in images for q in questions]
+
+    async def ask_all():
+        async with httpx.AsyncClient(base_url=served["base"], timeout=60) as client:
+            for i in images:  # compress first, so that the questions meet in the queue
+                await client.post("/v1/chat/completions", json=_chat(_url(i)))
+            return await asyncio.gather(*(client.post("/v1/chat/completions", json=r) for r in requests))
+
+    served["engine"].batch_sizes.clear()
+    replies = asyncio.run(ask_all())
+    assert all(r.status_code == 200 for r in replies)
+    alone = [httpx.post(served["base"] + "/v1/chat/completions", json=r, timeout=60).json() for r in requests]
+    assert [r.json()["choices"][0]["message"]["content"] for r in replies] == \
+           [a["choices"][0]["message"]["content"] for a in alone]  # batched answers equal the ones asked alone
+    metrics = httpx.get(served["base"] + "/metrics").text
+    count = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("htc_batch_size_count")))
+    total = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("htc_batch_size_sum")))
+    assert total > count  # some model call answered several questions
+
+
+def test_the_openai_client_works_unchanged_with_and_without_streaming(served, scenes_dir):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=served["base"] + "/v1", api_key="none")
+    image = sorted((scenes_dir / "images").glob("test_*.png"))[4]
+    messages = _chat(_url(image))["messages"]
+    done = client.chat.completions.create(model="tiny-voco", messages=messages, max_tokens=8, temperature=0)
+    text = done.choices[0].message.content
+    stream = client.chat.completions.create(model="tiny-voco", messages=messages, max_tokens=8, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == text
+    assert [m.id for m in client.models.list()] == ["tiny-voco"]
+    with pytest.raises(openai.BadRequestError, match="n must be 1"):
+        client.chat.completions.create(model="tiny-voco", messages=messages, n=2)
+
+
+def _png_bytes(scenes_dir):
+    return sorted((scenes_dir / "images").glob("test_*.png"))[0].read_bytes()
+
+
+@pytest.mark.parametrize("case, status, message", [
+    ("invalid json", 400, "not valid JSON"),
+    ("a list", 400, "must be a JSON object"),
+    ("unknown parameter", 400, "unknown parameter(s): top_logprobs"),
+    ("n = 2", 400, "n must be 1"),
+    ("no image", 400, "exactly one image, got 0"),
+    ("two images", 400, "exactly one image, got 2"),
+    ("bad base64", 400, "base64 data is malformed"),
+    ("an http URL", 400, "the server fetches nothing"),
+    ("a file path", 400, "the server fetches nothing"),
+    ("not an image", 400, "cannot decode image"),
+    ("truncated image", 400, "cannot decode image"),
+    ("too many bytes", 413, "over the limit of 200000"),
+    ("unknown id", 404, "unknown image id"),
+    ("too long a question", 400, "context is 1024"),
+    ("two turns", 400, "multi-turn"),
+    ("temperature 5", 400, "temperature must be"),
+    ("max_tokens 0", 400, "max_tokens must be an integer"),
+    ("no question", 400, "no text question"),
+])
+def test_bad_requests_get_a_4xx_with_an_openai_error_and_the_server_keeps_serving(served, scenes_dir, case, status,
+                                                                                  message):
+    png = _png_bytes(scenes_dir)
+    good = "data:image/png;base64," + base64.b64encode(png).decode()
+    body = {
+        "invalid json": b"{not json",
+        "a list": b"[1, 2]",
+        "unknown parameter": _chat(good, top_logprobs=3),
+        "n = 2": _chat(good, n=2),
+        "no image": {"messages": [{"role": "user", "content": "What is it?"}]},
+        "two images": {"messages": [{"role": "user", "content": _chat(good)["messages"][0]["content"] * 2}]},
+        "bad base64": _chat("data:image/png;base64,@@@not-base64@@@"),
+        "an http URL": _chat("http://example.com/cat.png"),
+        "a file path": _chat("/etc/passwd"),
+        "not an image": _chat("data:image/png;base64," + base64.b64encode(b"hello there").decode()),
+        "truncated image": _chat("data:image/png;base64," + base64.b64encode(png[: len(png) // 2]).decode()),
+        "too many bytes": _chat("data:image/png;base64," + base64.b64encode(png + bytes(300_000)).decode()),
+        "unknown id": _chat("htc-image://" + "0" * 32),
+        "too long a question": _chat(good, "what " * 2000),
+        "two turns": {"messages": _chat(good)["messages"] + [{"role": "assistant", "content": "red"},
+                                                             {"role": "user", "content": "And?"}]},
+        "temperature 5": _chat(good, temperature=5),
+        "max_tokens 0": _chat(good) | {"max_tokens": 0},
+        "no question": _chat(good, ""),
+    }[case]
+    kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(served["base"] + "/v1/chat/completions", timeout=60, **kwargs)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert message in error["message"] and "Traceback" not in r.text and {"type", "param", "code"} <= set(error)
+    assert httpx.get(served["base"] + "/health").json()["status"] == "ok"
+
+
+def test_a_full_queue_answers_429_with_retry_after(served, scenes_dir):
+    engine = served["engine"]
+    image_id = engine.image_id(_png_bytes(scenes_dir))
+    assert engine.key(image_id) in engine.store or asyncio.run(engine.add_image(_png_bytes(scenes_dir)))
+
+    async def full():
+        busy = Engine(engine.model, engine.tok, engine.store, limits=Limits(queue_size=1))
+        busy._queue = asyncio.Queue(1)
+        busy._batcher = asyncio.get_running_loop().create_future()  # a model call that never ends
+        waiting = asyncio.ensure_future(busy.ask(image_id, "What color?", 4))
+        await asyncio.sleep(0)
+        with pytest.raises(ServeError) as e:
+            await busy.ask(image_id, "What color?", 4)
+        waiting.cancel()
+        busy._batcher.cancel()
+        return e.value
+
+    e = asyncio.run(full())
+    assert e.status == 429 and "busy" in str(e)
+    from htc_vlm.serving.app import _error
+
+    response = _error(e)
+    assert response.status_code == 429 and response.headers["retry-after"] == "1"
+    assert json.loads(response.body)["error"]["type"] == "rate_limit_error"
+
+
+def test_serving_refuses_a_model_without_a_one_token_cache(make_model_dir):
+    from htc_vlm.errors import HTCError
+
+    upper = HTCForConditionalGeneration.from_pretrained(make_model_dir("none"))
+    with pytest.raises(HTCError, match="only models whose text sees the image through voco"):
+        Engine(upper, None, CacheStore(0))
+
+
+def test_the_cache_store_evicts_by_bytes_and_reads_its_folder(served, scenes_dir, tmp_path):
+    engine = served["engine"]
+    cache = engine.cache_for(engine.image_id(_png_bytes(scenes_dir))) if engine.key(
+        engine.image_id(_png_bytes(scenes_dir))) in engine.store else None
+    if cache is None:
+        asyncio.run(engine.add_image(_png_bytes(scenes_dir)))
+        cache = engine.cache_for(engine.image_id(_png_bytes(scenes_dir)))
+    small = CacheStore(int(cache.nbytes * 2.5), tmp_path / "disk")
+    for k in "abc":
+        small.put(k, cache)
+    assert small.stats.entries == 2 and small.stats.evictions == 1
+    assert small.get("a") is not None  # evicted from memory, read back from the folder
+    assert CacheStore(0).get("a") is None and parse_bytes("2GB") == 2 * 1024**3

@@ -190,7 +190,7 @@ def test_bad_requests_get_a_4xx_with_an_openai_error_and_the_server_keeps_servin
 def test_a_full_queue_answers_429_with_retry_after(served, scenes_dir):
     engine = served["engine"]
     image_id = engine.image_id(_png_bytes(scenes_dir))
-    assert engine.key(image_id) in engine.store or asyncio.run(engine.add_image(_png_bytes(scenes_dir)))
+    asyncio.run(engine.add_image(_png_bytes(scenes_dir)))
 
     async def full():
         busy = Engine(engine.model, engine.tok, engine.store, limits=Limits(queue_size=1))
@@ -201,7 +201,7 @@ def test_a_full_queue_answers_429_with_retry_after(served, scenes_dir):
         with pytest.raises(ServeError) as e:
             await busy.ask(image_id, "What color?", 4)
         waiting.cancel()
-        busy._batcher.cancel()
+        busy.close()
         return e.value
 
     e = asyncio.run(full())
@@ -213,21 +213,31 @@ def test_a_full_queue_answers_429_with_retry_after(served, scenes_dir):
     assert json.loads(response.body)["error"]["type"] == "rate_limit_error"
 
 
-def test_serving_refuses_a_model_without_a_one_token_cache(make_model_dir):
-    from htc_vlm.errors import HTCError
+def test_an_uncompressed_model_is_served_with_its_full_image_cache_and_a_zero_budget_still_answers(make_model_dir,
+                                                                                                  scenes_dir):
+    """The baselines of the load benchmark: the upper bound keeps every image position (prefix
+    caching); with no memory and no folder every request compresses its image again."""
+    model_dir = make_model_dir("none")
+    upper = HTCForConditionalGeneration.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    engine = Engine(upper, tok, CacheStore(0))
+    data = _png_bytes(scenes_dir)
 
-    upper = HTCForConditionalGeneration.from_pretrained(make_model_dir("none"))
-    with pytest.raises(HTCError, match="only models whose text sees the image through voco"):
-        Engine(upper, None, CacheStore(0))
+    async def twice():
+        a = await engine.add_image(data)
+        b = await engine.add_image(data)
+        return a, b, await engine.ask(a[0], "What color is the circle?", 4, cache=b[1])
+
+    (_, cache, made), (_, _, again), answer = asyncio.run(twice())
+    engine.close()
+    assert made and again and engine.compressions == 2  # nothing kept: compressed for each request
+    assert cache.length == 2 + 36  # the template prefix and every patch position
+    assert answer.completion_tokens <= 4
 
 
 def test_the_cache_store_evicts_by_bytes_and_reads_its_folder(served, scenes_dir, tmp_path):
     engine = served["engine"]
-    cache = engine.cache_for(engine.image_id(_png_bytes(scenes_dir))) if engine.key(
-        engine.image_id(_png_bytes(scenes_dir))) in engine.store else None
-    if cache is None:
-        asyncio.run(engine.add_image(_png_bytes(scenes_dir)))
-        cache = engine.cache_for(engine.image_id(_png_bytes(scenes_dir)))
+    _, cache, _ = asyncio.run(engine.add_image(_png_bytes(scenes_dir)))
     small = CacheStore(int(cache.nbytes * 2.5), tmp_path / "disk")
     for k in "abc":
         small.put(k, cache)

@@ -153,13 +153,13 @@ def create_app(engine: Engine, model_name: str):
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _resolve(url: str) -> str:
+    async def _resolve(url: str):
+        """(image id, its cache if this request just made it)."""
         if url.startswith(IMAGE_SCHEME):
             image_id = url[len(IMAGE_SCHEME):]
-            engine.cache_for(image_id)  # 404 when unknown
-            return image_id
-        image_id, _ = await engine.add_image(_decode_data_url(url))
-        return image_id
+            return image_id, engine.cache_for(image_id)  # 404 when unknown
+        image_id, cache, _ = await engine.add_image(_decode_data_url(url))
+        return image_id, cache
 
     def _observe(endpoint: str, status: int, t0: float) -> None:
         requests_total.labels(endpoint, str(status)).inc()
@@ -191,7 +191,7 @@ def create_app(engine: Engine, model_name: str):
                 data = raw
             if not data:
                 raise ServeError("the request holds no image", param="image_url")
-            image_id, created = await engine.add_image(data)
+            image_id, _, created = await engine.add_image(data)
         except ServeError as e:
             _observe("images", e.status, t0)
             return _error(e)
@@ -203,8 +203,9 @@ def create_app(engine: Engine, model_name: str):
         t0 = time.perf_counter()
         try:
             req = parse_chat(_json_body(await _read(request)), engine.limits.max_tokens)
-            image_id = await _resolve(req["image"])
-            answer = await engine.ask(image_id, req["question"], req["max_tokens"], req["temperature"], req["stop"])
+            image_id, cache = await _resolve(req["image"])
+            answer = await engine.ask(image_id, req["question"], req["max_tokens"], req["temperature"], req["stop"],
+                                      cache)
         except ServeError as e:
             _observe("chat", e.status, t0)
             return _error(e)

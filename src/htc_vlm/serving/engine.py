@@ -69,9 +69,6 @@ class Engine:
         if getattr(model, "question_aware", False):
             raise HTCError("this method chooses visual tokens per question and has no compress-once cache: "
                            "it cannot be served from caches (evaluate it with `htc-vlm eval --method ...`)")
-        if not model.config.compresses:
-            raise HTCError(f"the model is compression={model.config.compression!r}: only models whose text sees the "
-                           f"image through voco (voco, htc, discrete) are served from one-token caches")
         self.model, self.tok, self.store = model.eval(), tokenizer, store
         self.limits = limits or Limits()
         self.encoder = ImageEncoder(model, None, vq, resize=True)
@@ -96,32 +93,33 @@ class Engine:
     def image_id(data: bytes) -> str:
         return hashlib.sha256(data).hexdigest()[:32]
 
-    async def add_image(self, data: bytes) -> tuple[str, bool]:
-        """``(id, compressed now)``: the image's id (its content hash) once its cache is stored.
-        Concurrent uploads of one new image compress it once."""
+    async def add_image(self, data: bytes) -> tuple[str, VisualCache, bool]:
+        """``(id, cache, compressed now)``: the image's id (its content hash) and its cache, from the
+        store or made now. Concurrent uploads of one new image compress it once. The cache is returned
+        so that the request is answered even when the store keeps nothing (no memory budget)."""
         if len(data) > self.limits.max_image_bytes:
             raise ServeError(f"the image is {len(data)} bytes, over the limit of {self.limits.max_image_bytes}",
                              413, "image_url", "image_too_large")
         image_id = self.image_id(data)
         key = self.key(image_id)
-        if key in self.store:
-            return image_id, False
+        cache = self.store.get(key)
+        if cache is not None:
+            return image_id, cache, False
         if key in self._compressing:
-            await asyncio.shield(self._compressing[key])
-            return image_id, False
+            return image_id, await asyncio.shield(self._compressing[key]), False
         fut = asyncio.get_running_loop().create_future()
         self._compressing[key] = fut
         try:
             cache = await asyncio.get_running_loop().run_in_executor(self._worker, self._compress, data)
             self.store.put(key, cache)
-            fut.set_result(True)
+            fut.set_result(cache)
         except BaseException as e:
             fut.set_exception(e)
             fut.exception()  # retrieved: waiting uploads get it, nobody else needs to
             raise
         finally:
             del self._compressing[key]
-        return image_id, True
+        return image_id, cache, True
 
     def _compress(self, data: bytes) -> VisualCache:
         size = self.model.config.vision_config.image_size
@@ -145,8 +143,8 @@ class Engine:
     # ------------------------------------------------------------------ questions
 
     async def ask(self, image_id: str, question: str, max_tokens: int, temperature: float = 0.0,
-                  stop: list[str] | None = None) -> Answer:
-        cache = self.cache_for(image_id)
+                  stop: list[str] | None = None, cache: VisualCache | None = None) -> Answer:
+        cache = cache if cache is not None else self.cache_for(image_id)
         ids = self.builder.question_ids(question)
         try:
             check_context(self.model.config, cache.next_position + len(ids) + max_tokens, "the question")

@@ -1,0 +1,149 @@
+"""Load benchmark for `htc-vlm serve`: the same weights served three ways, side by side in one run.
+
+  (a) htc-vlm: one-token (voco) caches, the server's LRU bounded by BUDGET bytes;
+  (b) uncompressed, each image's full KV cache kept (prefix caching), under the same BUDGET;
+  (c) uncompressed, nothing kept: every request prefills its image again.
+
+BUDGET is what ``--budget-images`` uncompressed images need (8 by default). Each mode starts a real
+server on 127.0.0.1 and ``--clients`` concurrent httpx clients ask ``--images`` x ``--questions``
+questions in a random order; the load is bounded in count and in time (``--max-seconds`` per mode).
+Prints questions/s, tokens/s, p50 / p95 latency and how many images each mode keeps cached.
+
+    python benchmarks/serve_load.py                     # the mid shape: 576 patches, 12 x 768, random weights
+    python benchmarks/serve_load.py --preset tiny --images 16 --questions 2    # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import random
+import statistics
+import tempfile
+import threading
+import time
+
+import httpx
+import numpy as np
+import torch
+import uvicorn
+from PIL import Image
+from transformers import AutoTokenizer
+
+from htc_vlm.data.tokenizer import save_tokenizer
+from htc_vlm.efficiency import bench_config
+from htc_vlm.modeling import HTCForConditionalGeneration
+from htc_vlm.serving.app import create_app
+from htc_vlm.serving.engine import Engine, Limits
+from htc_vlm.serving.store import CacheStore
+
+QUESTIONS = ["What color is the circle?", "How many objects are there?", "Is there a square in the image?",
+             "What shape is at the top left?", "Where is the red object?", "What texture is the triangle?"]
+
+
+def _images(n: int, size: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    urls = []
+    for _ in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
+        urls.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
+    return urls
+
+
+def _serve(engine: Engine, name: str):
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, name), host="127.0.0.1", port=0, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    return server, thread, f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+
+
+async def _load(base: str, jobs: list[tuple[str, str]], clients: int, max_tokens: int, max_seconds: float):
+    latencies, tokens, errors = [], 0, 0
+    todo = list(jobs)
+    deadline = time.monotonic() + max_seconds
+
+    async def client(http):
+        nonlocal tokens, errors
+        while todo and time.monotonic() < deadline:
+            url, question = todo.pop()
+            body = {"max_tokens": max_tokens, "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}]}]}
+            t0 = time.perf_counter()
+            r = await http.post("/v1/chat/completions", json=body)
+            latencies.append(time.perf_counter() - t0)
+            if r.status_code == 200:
+                tokens += r.json()["usage"]["completion_tokens"]
+            else:
+                errors += 1
+
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(base_url=base, timeout=600) as http:
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+    return time.perf_counter() - t0, latencies, tokens, errors
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="mid", help="bench shape: mid (576 patches, 12 x 768) or tiny")
+    ap.add_argument("--images", type=int, default=64)
+    ap.add_argument("--questions", type=int, default=4, help="questions per image")
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--budget-images", type=int, default=8, help="cache memory = this many uncompressed images")
+    ap.add_argument("--max-seconds", type=float, default=300.0, help="time limit per mode")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    torch.manual_seed(args.seed)
+    voco = HTCForConditionalGeneration(bench_config(args.preset, compression="voco")).eval()
+    upper = HTCForConditionalGeneration(bench_config(args.preset, compression="none")).eval()
+    upper.load_state_dict(voco.state_dict(), strict=False)  # the same weights; voco is unused there
+    with tempfile.TemporaryDirectory() as tmp:  # the scene tokenizer: questions only need some ids
+        save_tokenizer(f"{tmp}/tok")
+        tok = AutoTokenizer.from_pretrained(f"{tmp}/tok")
+    size = voco.config.vision_config.image_size
+    urls = _images(args.images, size, args.seed)
+    jobs = [(u, QUESTIONS[k % len(QUESTIONS)]) for u in urls for k in range(args.questions)]
+    random.Random(args.seed).shuffle(jobs)
+
+    # what one uncompressed image's cache takes, measured on the model
+    probe = Engine(upper, tok, CacheStore(0))
+    full_bytes = asyncio.run(probe.add_image(base64.b64decode(urls[0].split(",", 1)[1])))[1].nbytes
+    probe.close()
+    budget = args.budget_images * full_bytes
+    print(f"{args.preset}: {voco.config.num_patches} patches, {voco.config.text_config.num_hidden_layers} layers x "
+          f"{voco.config.text_config.hidden_size}; {args.images} images x {args.questions} questions, "
+          f"{args.clients} clients, {torch.get_num_threads()} threads; cache budget {budget / 2**20:.1f} MiB "
+          f"({args.budget_images} uncompressed images)")
+
+    rows = []
+    for name, model, memory in (("(a) htc-vlm, one-token caches", voco, budget),
+                                ("(b) uncompressed, image KV cached", upper, budget),
+                                ("(c) uncompressed, no cache", upper, 0)):
+        engine = Engine(model, tok, CacheStore(memory), limits=Limits(max_tokens=args.max_tokens, queue_size=4096))
+        server, thread, base = _serve(engine, name)
+        wall, lat, tokens, errors = asyncio.run(_load(base, jobs, args.clients, args.max_tokens, args.max_seconds))
+        server.should_exit = True
+        thread.join(timeout=30)
+        stats = engine.store.stats
+        per_image = stats.bytes / max(stats.entries, 1)
+        kept = int(memory // per_image) if stats.entries else 0
+        lat.sort()
+        rows.append((name, len(lat) / wall, tokens / wall, statistics.median(lat), lat[int(0.95 * (len(lat) - 1))],
+                     kept, len(lat), errors, engine.compressions))
+    print(f"\n{'mode':36} {'q/s':>7} {'tok/s':>7} {'p50 s':>7} {'p95 s':>7} {'images cached':>14} {'asked':>6} "
+          f"{'errors':>6} {'compressions':>12}")
+    for r in rows:
+        print(f"{r[0]:36} {r[1]:7.2f} {r[2]:7.1f} {r[3]:7.3f} {r[4]:7.3f} {r[5]:14d} {r[6]:6d} {r[7]:6d} {r[8]:12d}")
+    a, b, c = rows
+    print(f"\n(a) / (b): {a[1] / b[1]:.2f}x questions/s, {a[5] / max(b[5], 1):.0f}x images cached; "
+          f"(a) / (c): {a[1] / c[1]:.2f}x questions/s")
+
+
+if __name__ == "__main__":
+    main()

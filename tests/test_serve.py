@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
@@ -231,7 +232,7 @@ def test_an_uncompressed_model_is_served_with_its_full_image_cache_and_a_zero_bu
     (_, cache, made), (_, _, again), answer = asyncio.run(twice())
     engine.close()
     assert made and again and engine.compressions == 2  # nothing kept: compressed for each request
-    assert cache.length == 2 + 36  # the template prefix and every patch position
+    assert cache.length == 36 and cache.meta["prefix_shared"] == 2  # every patch position; the prefix kept once
     assert answer.completion_tokens <= 4
 
 
@@ -244,3 +245,17 @@ def test_the_cache_store_evicts_by_bytes_and_reads_its_folder(served, scenes_dir
     assert small.stats.entries == 2 and small.stats.evictions == 1
     assert small.get("a") is not None  # evicted from memory, read back from the folder
     assert CacheStore(0).get("a") is None and parse_bytes("2GB") == 2 * 1024**3
+
+
+def test_the_prefix_is_the_same_for_every_image_so_it_is_kept_once(served, scenes_dir):
+    """What makes the shared prefix exact: the prefix precedes the image and attends causally."""
+    from htc_vlm.data.llava import PromptBuilder, get_template
+
+    model, tok = served["model"], served["tok"]
+    prefix = PromptBuilder(tok, get_template("plain"), model.config).prefix_ids()
+    caches = [model.compress(torch.randn(1, 3, 48, 48), None, prefix_ids=prefix) for _ in range(2)]
+    (p0, i0), (p1, i1) = (c.split(len(prefix)) for c in caches)
+    assert all(torch.equal(a, b) for a, b in zip(p0.keys + p0.values, p1.keys + p1.values))
+    assert not torch.equal(i0.keys[-1], i1.keys[-1])
+    back = i0.after(p0)
+    assert all(torch.equal(a, b) for a, b in zip(back.keys + back.values, caches[0].keys + caches[0].values))

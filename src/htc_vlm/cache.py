@@ -77,6 +77,22 @@ class VisualCache:
                            [torch.cat(t) for t in zip(*(c.values for c in caches))],
                            first.next_position, first.fingerprint, dict(first.meta))
 
+    def split(self, n: int) -> tuple["VisualCache", "VisualCache"]:
+        """(the first ``n`` cached positions, the rest), e.g. the template prefix and the image part.
+        The prefix precedes the image and attends causally, so it is the same for every image."""
+        head = VisualCache([k[:, :, :n] for k in self.keys], [v[:, :, :n] for v in self.values],
+                           self.next_position, self.fingerprint, dict(self.meta))
+        tail = VisualCache([k[:, :, n:].contiguous() for k in self.keys], [v[:, :, n:].contiguous() for v in self.values],
+                           self.next_position, self.fingerprint, dict(self.meta) | {"prefix_shared": n})
+        return head, tail
+
+    def after(self, prefix: "VisualCache") -> "VisualCache":
+        """This cache with ``prefix`` (one image's worth) put back in front, repeated per image."""
+        b = self.batch_size
+        return VisualCache([torch.cat([p.expand(b, -1, -1, -1), k], dim=2) for p, k in zip(prefix.keys, self.keys)],
+                           [torch.cat([p.expand(b, -1, -1, -1), v], dim=2) for p, v in zip(prefix.values, self.values)],
+                           self.next_position, self.fingerprint, {k: v for k, v in self.meta.items() if k != "prefix_shared"})
+
     # ------------------------------------------------------------------ safetensors I/O
 
     def _tensors(self) -> dict[str, torch.Tensor]:

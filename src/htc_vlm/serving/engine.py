@@ -75,13 +75,15 @@ class Engine:
         self.builder = PromptBuilder(tokenizer, get_template(template), model.config)
         self.prefix = self.builder.prefix_ids()
         fingerprint = model.fingerprint()
-        self.maker = hashlib.sha256(f"{fingerprint}:{self.prefix}".encode()).hexdigest()[:12]
+        # the stored caches hold the image part only (the prefix is shared): a layout of its own
+        self.maker = hashlib.sha256(f"{fingerprint}:{self.prefix}:image-part".encode()).hexdigest()[:12]
         self.store.fingerprint = fingerprint
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="htc-model")
         self._compressing: dict[str, asyncio.Future] = {}
         self._queue: asyncio.Queue | None = None
         self._batcher: asyncio.Task | None = None
         self.batch_sizes: list[int] = []  # observed, for metrics (the app drains it)
+        self._prefix_cache: VisualCache | None = None  # the template prefix's KV, the same for every image
         self.compressions = 0
 
     # ------------------------------------------------------------------ images
@@ -131,7 +133,10 @@ class Engine:
         with torch.no_grad():
             cache = self.model.compress(pix, q, prefix_ids=self.prefix)
         self.compressions += 1
-        return cache
+        prefix, image = cache.split(len(self.prefix))  # store the image part; the prefix is kept once
+        if self._prefix_cache is None:
+            self._prefix_cache = prefix
+        return image
 
     def cache_for(self, image_id: str) -> VisualCache:
         cache = self.store.get(self.key(image_id))
@@ -200,7 +205,7 @@ class Engine:
 
     @torch.no_grad()
     def _answer(self, group: list[_Question]) -> list[Answer]:
-        caches = VisualCache.cat([q.cache for q in group])  # (B, H, K, Dh) per layer
+        caches = VisualCache.cat([q.cache for q in group]).after(self._prefix_of(group[0].cache))  # (B, H, K, Dh)
         ids, mask = left_pad([q.ids for q in group], self.tok.pad_token_id)  # (B, L)
         new = max(q.max_tokens for q in group)
         sample = group[0].temperature > 0
@@ -218,8 +223,19 @@ class Engine:
             cut = [text.index(s) for s in q.stop if s and s in text]
             if cut:
                 text, ended = text[: min(cut)], True
-            answers.append(Answer(text, "stop" if ended else "length", q.cache.length + len(q.ids), len(row)))
+            prompt = len(self.prefix) + q.cache.length + len(q.ids)
+            answers.append(Answer(text, "stop" if ended else "length", prompt, len(row)))
         return answers
+
+    def _prefix_of(self, image: VisualCache) -> VisualCache:
+        """The shared prefix cache; after a restart with caches on disk, made from the model once."""
+        if self._prefix_cache is None:
+            blank = torch.zeros(1, 3, self.model.config.vision_config.image_size, self.model.config.vision_config.image_size)
+            q = None if self.encoder.tokenizer_vq is None else self.encoder.tokenizer_vq.q(
+                torch.zeros(1, 3, self.encoder.tokenizer_vq.config.image_size, self.encoder.tokenizer_vq.config.image_size))
+            with torch.no_grad():
+                self._prefix_cache = self.model.compress(blank, q, prefix_ids=self.prefix).split(len(self.prefix))[0]
+        return self._prefix_cache
 
     def close(self) -> None:
         if self._batcher is not None:

@@ -97,6 +97,7 @@ def main() -> None:
     ap.add_argument("--budget-images", type=int, default=8, help="cache memory = this many uncompressed images")
     ap.add_argument("--max-seconds", type=float, default=300.0, help="time limit per mode")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile-only", action="store_true", help="only time one compression and answer batches")
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
@@ -111,6 +112,9 @@ def main() -> None:
     jobs = [(u, QUESTIONS[k % len(QUESTIONS)]) for u in urls for k in range(args.questions)]
     random.Random(args.seed).shuffle(jobs)
 
+    if args.profile_only:
+        _profile(voco, tok, urls, args.max_tokens)
+        return
     # what one uncompressed image's cache takes, measured on the model
     probe = Engine(upper, tok, CacheStore(0))
     full_bytes = asyncio.run(probe.add_image(base64.b64decode(urls[0].split(",", 1)[1])))[1].nbytes
@@ -143,6 +147,27 @@ def main() -> None:
     a, b, c = rows
     print(f"\n(a) / (b): {a[1] / b[1]:.2f}x questions/s, {a[5] / max(b[5], 1):.0f}x images cached; "
           f"(a) / (c): {a[1] / c[1]:.2f}x questions/s")
+
+
+def _profile(model, tok, urls: list[str], max_tokens: int) -> None:
+    """Where (a)'s time goes: one compression, and answer batches of 1, 4 and 16 questions."""
+    from htc_vlm.serving.engine import _Question
+
+    engine = Engine(model, tok, CacheStore(0))
+    datas = [base64.b64decode(u.split(",", 1)[1]) for u in urls[:4]]
+    engine._compress(datas[0])  # warm-up
+    t0 = time.perf_counter()
+    caches = [engine._compress(d) for d in datas]
+    print(f"compress: {(time.perf_counter() - t0) / len(datas):.3f} s per image")
+    ids = engine.builder.question_ids(QUESTIONS[0])
+    loop = asyncio.new_event_loop()
+    for b in (1, 4, 16):
+        group = [_Question(caches[i % len(caches)], ids, max_tokens, 0.0, [], loop.create_future()) for i in range(b)]
+        engine._answer(group)
+        t0 = time.perf_counter()
+        engine._answer(group)
+        print(f"answer a batch of {b:2d} ({max_tokens} tokens each): {time.perf_counter() - t0:.3f} s")
+    engine.close()
 
 
 if __name__ == "__main__":

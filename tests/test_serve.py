@@ -259,3 +259,20 @@ def test_the_prefix_is_the_same_for_every_image_so_it_is_kept_once(served, scene
     assert not torch.equal(i0.keys[-1], i1.keys[-1])
     back = i0.after(p0)
     assert all(torch.equal(a, b) for a, b in zip(back.keys + back.values, caches[0].keys + caches[0].values))
+
+
+def test_the_cache_store_takes_an_fsspec_url_shared_by_two_stores(served, scenes_dir):
+    """Two stores on one URL (two replicas): a cache one of them wrote is a hit for the other."""
+    pytest.importorskip("fsspec")
+    engine = served["engine"]
+    _, cache, _ = asyncio.run(engine.add_image(_png_bytes(scenes_dir)))
+    one, two = CacheStore(0, "memory://htc-test/caches"), CacheStore(0, "memory://htc-test/caches")
+    assert two.get("k") is None and "k" not in two
+    one.put("k", cache)
+    back = two.get("k")
+    assert "k" in two and back is not None and torch.equal(back.keys[0], cache.keys[0])
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe_file("/htc-test/caches/broken.safetensors", b"not a cache")
+    assert two.get("broken") is None  # a broken object is a miss, made again by the server

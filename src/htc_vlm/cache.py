@@ -102,14 +102,18 @@ class VisualCache:
             out[f"values.{i}"] = v.detach().contiguous().cpu()
         return out
 
-    def save(self, path: str | Path) -> None:
-        """Write atomically to ``path`` (safetensors)."""
+    def to_bytes(self) -> bytes:
+        """The safetensors file's bytes (what :meth:`save` writes)."""
         tensors = self._tensors()
         metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "fingerprint": self.fingerprint,
                     "next_position": str(self.next_position), "num_layers": str(len(self.keys)),
                     "meta": json.dumps(self.meta)}
         metadata["sha256"] = _digest(tensors, metadata)
-        atomic_write_bytes(path, st_save(tensors, metadata=metadata))
+        return st_save(tensors, metadata=metadata)
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically to ``path`` (safetensors)."""
+        atomic_write_bytes(path, self.to_bytes())
 
     @classmethod
     def load(cls, path: str | Path, expected_fingerprint: str | None = None) -> "VisualCache":
@@ -119,6 +123,12 @@ class VisualCache:
             data = path.read_bytes()
         except OSError as e:
             raise HTCError(f"cannot read visual cache {path}: {e.strerror or e}") from e
+        return cls.from_bytes(data, str(path), expected_fingerprint)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, path: str = "this visual cache",
+                   expected_fingerprint: str | None = None) -> "VisualCache":
+        """:meth:`load` for bytes already read (``path`` names them in errors)."""
         try:
             tensors = st_load(data)
             metadata = _metadata(data)

@@ -323,7 +323,8 @@ def serve(
     vq: Annotated[Path | None, typer.Option(help="VQ tokenizer folder computing q of uploaded images (htc / discrete).")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port.")] = 8000,
-    cache_dir: Annotated[Path | None, typer.Option(help="Folder of caches on disk (shared by replicas, kept across restarts).")] = None,
+    cache_dir: Annotated[str | None, typer.Option(help="Caches on disk: a folder or an fsspec URL such as s3://bucket/caches "
+                                                      "(shared by replicas, kept across restarts).")] = None,
     cache_memory: Annotated[str, typer.Option(help="Memory for caches, e.g. 2GB (least recently used evicted).")] = "2GB",
     template: Annotated[str, typer.Option(help="Chat template: plain or vicuna_v1.")] = "plain",
     max_batch: Annotated[int, typer.Option(min=1, help="Questions answered in one model call.")] = 32,

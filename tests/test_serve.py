@@ -276,3 +276,26 @@ def test_the_cache_store_takes_an_fsspec_url_shared_by_two_stores(served, scenes
     fs = fsspec.filesystem("memory")
     fs.pipe_file("/htc-test/caches/broken.safetensors", b"not a cache")
     assert two.get("broken") is None  # a broken object is a miss, made again by the server
+
+
+def test_streaming_sends_pieces_as_they_are_generated_and_they_add_up_with_stop_strings(served, scenes_dir):
+    image = sorted((scenes_dir / "images").glob("test_*.png"))[5]
+    plain = httpx.post(served["base"] + "/v1/chat/completions", json=_chat(_url(image)), timeout=60).json()
+    text = plain["choices"][0]["message"]["content"]
+    words = text.split()
+    assert len(words) > 1  # the stop-string case below is exercised
+    for stop in ([], [words[-1]] if len(words) > 1 else [], ["zzz"]):
+        body = _chat(_url(image), stream=True, stop=stop)
+        expect = httpx.post(served["base"] + "/v1/chat/completions", json=_chat(_url(image), stop=stop),
+                            timeout=60).json()["choices"][0]
+        chunks = []
+        with httpx.stream("POST", served["base"] + "/v1/chat/completions", json=body, timeout=60) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    chunks.append(json.loads(line[6:])["choices"][0])
+        content = [c["delta"]["content"] for c in chunks if c["delta"].get("content")]
+        assert "".join(content) == expect["message"]["content"]
+        assert chunks[-1]["finish_reason"] == expect["finish_reason"]
+        if plain["usage"]["completion_tokens"] > 2 and not stop:
+            assert len(content) >= 2  # sent piece by piece, not as one block at the end

@@ -9,6 +9,7 @@ object naming the problem; nothing in a request can name a file on the server.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -201,29 +202,52 @@ def create_app(engine: Engine, model_name: str):
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         t0 = time.perf_counter()
+        pieces = asyncio.Queue()
         try:
             req = parse_chat(_json_body(await _read(request)), engine.limits.max_tokens)
             image_id, cache = await _resolve(req["image"])
-            answer = await engine.ask(image_id, req["question"], req["max_tokens"], req["temperature"], req["stop"],
-                                      cache)
+            future = engine.submit(image_id, req["question"], req["max_tokens"], req["temperature"], req["stop"],
+                                   cache, pieces if req["stream"] else None)
+            answer = None if req["stream"] else await future
         except ServeError as e:
             _observe("chat", e.status, t0)
             return _error(e)
-        _observe("chat", 200, t0)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        usage = {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
-                 "total_tokens": answer.prompt_tokens + answer.completion_tokens}
         if not req["stream"]:
+            _observe("chat", 200, t0)
+            usage = {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
+                     "total_tokens": answer.prompt_tokens + answer.completion_tokens}
             return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
                                  "finish_reason": answer.finish_reason}], "usage": usage}
 
-        def events():
-            base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name}
-            pieces = [{"role": "assistant", "content": ""}] + [{"content": w} for w in _pieces(answer.text)]
-            for delta in pieces:
-                yield f"data: {json.dumps(base | {'choices': [{'index': 0, 'delta': delta, 'finish_reason': None}]})}\n\n"
-            yield f"data: {json.dumps(base | {'choices': [{'index': 0, 'delta': {}, 'finish_reason': answer.finish_reason}]})}\n\n"
+        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name}
+
+        def chunk(delta: dict, finish: str | None = None) -> str:
+            return f"data: {json.dumps(base | {'choices': [{'index': 0, 'delta': delta, 'finish_reason': finish}]})}\n\n"
+
+        async def events():  # each piece as the model writes it; the end when the answer is complete
+            yield chunk({"role": "assistant", "content": ""})
+            while True:
+                get = asyncio.ensure_future(pieces.get())
+                await asyncio.wait({get, future}, return_when=asyncio.FIRST_COMPLETED)
+                if get.done():
+                    yield chunk({"content": get.result()})
+                    continue
+                get.cancel()
+                while not pieces.empty():
+                    yield chunk({"content": pieces.get_nowait()})
+                break
+            try:
+                answer = future.result()
+            except Exception as e:  # noqa: BLE001 -- the stream has begun: the error is its last event
+                status = e.status if isinstance(e, ServeError) else 500
+                _observe("chat", status, t0)
+                message = str(e) if isinstance(e, HTCError) else f"internal error ({type(e).__name__})"
+                yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error'}})}\n\n"
+                return
+            _observe("chat", 200, t0)
+            yield chunk({}, answer.finish_reason)
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -243,7 +267,3 @@ def create_app(engine: Engine, model_name: str):
     return app
 
 
-def _pieces(text: str) -> list[str]:
-    """The answer in word-sized pieces whose concatenation is the answer."""
-    words = text.split(" ")
-    return [w if i == 0 else " " + w for i, w in enumerate(words)] if text else []

@@ -51,6 +51,59 @@ class _Question:
     temperature: float
     stop: list[str]
     future: asyncio.Future = field(repr=False)
+    pieces: asyncio.Queue | None = field(default=None, repr=False)  # streamed text, for stream=True
+
+
+def _visible(text: str, stop: list[str]) -> tuple[str, bool]:
+    """The answer as it stands (leading space dropped, cut at the first stop string), and whether
+    a stop string was met."""
+    text = text.lstrip()
+    cut = [text.index(s) for s in stop if s and s in text]
+    return (text[: min(cut)], True) if cut else (text, False)
+
+
+class _Streamer:
+    """Receives each generation step's tokens (B,) inside ``generate`` and passes every streaming
+    question its new text. Text that could still become part of a stop string, and trailing white
+    space, is held back until the next token shows it is not, so that the pieces always add up to
+    a prefix of the final answer."""
+
+    def __init__(self, group: list[_Question], tok, loop):
+        self.group, self.tok, self.loop = group, tok, loop
+        self.ids: list[list[int]] = [[] for _ in group]
+        self.sent = [""] * len(group)  # the text each question has been sent
+        self.done = [False] * len(group)
+        self.first = True
+
+    def put(self, value) -> None:
+        if self.first:  # generate passes the prompt first
+            self.first = False
+            return
+        for i, (q, token) in enumerate(zip(self.group, value.reshape(-1).tolist())):
+            if q.pieces is None or self.done[i]:
+                continue
+            if token == self.tok.eos_token_id or len(self.ids[i]) >= q.max_tokens:
+                self.done[i] = True
+                continue
+            self.ids[i].append(token)
+            text, stopped = _visible(self.tok.decode(self.ids[i], skip_special_tokens=True), q.stop)
+            hold = 0 if stopped else max([len(s) - 1 for s in q.stop] + [0]) + len(text) - len(text.rstrip())
+            self.done[i] = stopped
+            self._send(i, text[: max(len(self.sent[i]), len(text) - hold)])
+
+    def _send(self, i: int, text: str) -> None:
+        if len(text) > len(self.sent[i]) and text.startswith(self.sent[i]):
+            self.loop.call_soon_threadsafe(self.group[i].pieces.put_nowait, text[len(self.sent[i]):])
+            self.sent[i] = text
+
+    def finish(self, answers: list["Answer"]) -> None:
+        """Send what was held back, so that the pieces add up to each final answer."""
+        for i, (q, a) in enumerate(zip(self.group, answers)):
+            if q.pieces is not None:
+                self._send(i, a.text)
+
+    def end(self) -> None:
+        pass
 
 
 @dataclass
@@ -149,6 +202,13 @@ class Engine:
 
     async def ask(self, image_id: str, question: str, max_tokens: int, temperature: float = 0.0,
                   stop: list[str] | None = None, cache: VisualCache | None = None) -> Answer:
+        return await self.submit(image_id, question, max_tokens, temperature, stop, cache)
+
+    def submit(self, image_id: str, question: str, max_tokens: int, temperature: float = 0.0,
+               stop: list[str] | None = None, cache: VisualCache | None = None,
+               pieces: asyncio.Queue | None = None) -> asyncio.Future:
+        """Queue a question now (a ServeError at once if it cannot be); the future is its Answer.
+        With ``pieces``, the answer's text is also put there piece by piece as it is generated."""
         cache = cache if cache is not None else self.cache_for(image_id)
         ids = self.builder.question_ids(question)
         try:
@@ -158,11 +218,11 @@ class Engine:
         self._start()
         fut = asyncio.get_running_loop().create_future()
         try:
-            self._queue.put_nowait(_Question(cache, ids, max_tokens, temperature, list(stop or []), fut))
+            self._queue.put_nowait(_Question(cache, ids, max_tokens, temperature, list(stop or []), fut, pieces))
         except asyncio.QueueFull:
             raise ServeError("the server is busy: too many questions waiting; retry shortly", 429,
                              code="rate_limit_exceeded") from None
-        return await fut
+        return fut
 
     def _start(self) -> None:
         if self._batcher is None or self._batcher.done():
@@ -193,7 +253,7 @@ class Engine:
                     continue
                 self.batch_sizes.append(len(group))
                 try:
-                    answers = await loop.run_in_executor(self._worker, self._answer, group)
+                    answers = await loop.run_in_executor(self._worker, self._answer, group, loop)
                 except Exception as e:  # noqa: BLE001 -- every waiting request gets the error, the loop goes on
                     for q in group:
                         if not q.future.done():
@@ -204,14 +264,15 @@ class Engine:
                         q.future.set_result(a)
 
     @torch.no_grad()
-    def _answer(self, group: list[_Question]) -> list[Answer]:
+    def _answer(self, group: list[_Question], loop=None) -> list[Answer]:
         caches = VisualCache.cat([q.cache for q in group]).after(self._prefix_of(group[0].cache))  # (B, H, K, Dh)
         ids, mask = left_pad([q.ids for q in group], self.tok.pad_token_id)  # (B, L)
         new = max(q.max_tokens for q in group)
         sample = group[0].temperature > 0
+        streamer = _Streamer(group, self.tok, loop) if loop is not None and any(q.pieces for q in group) else None
         out = self.model.generate(ids, visual_cache=caches, attention_mask=mask, max_new_tokens=new,
                                   do_sample=sample, temperature=group[0].temperature if sample else None,
-                                  top_p=None, top_k=None,
+                                  top_p=None, top_k=None, streamer=streamer,
                                   eos_token_id=self.tok.eos_token_id, pad_token_id=self.tok.pad_token_id)
         answers = []
         for q, row in zip(group, out[:, ids.shape[1]:].tolist()):
@@ -225,6 +286,8 @@ class Engine:
                 text, ended = text[: min(cut)], True
             prompt = len(self.prefix) + q.cache.length + len(q.ids)
             answers.append(Answer(text, "stop" if ended else "length", prompt, len(row)))
+        if streamer is not None:
+            streamer.finish(answers)
         return answers
 
     def _prefix_of(self, image: VisualCache) -> VisualCache:

@@ -168,3 +168,19 @@ def test_new_method_modules_are_initialised_when_loaded_from_the_upper_bound(upp
             assert torch.isfinite(p).all() and p.abs().max() < 10, name
         assert 0.01 < float(m.model.visual_pooler.queries.detach().std()) < 0.04, m.model.visual_pooler.queries
         assert float(m.model.visual_pooler.cross_attention.in_proj_weight.detach().std()) > 0
+
+
+@pytest.mark.parametrize("name", TRAINING_FREE)
+def test_training_free_full_budget_generates_what_generate_does(upper_dir, name):
+    """The layer-wise engine's own greedy loop, several tokens long, against transformers' generate
+    on the upper bound (issue #17: the loop had only been checked on its first token)."""
+    pix, _ = images(tiny_config(), b=2)
+    model = HTCForConditionalGeneration.from_pretrained(upper_dir).eval()
+    ids, mask = left_pad(QUESTIONS)
+    with torch.no_grad():  # [prefix][image] prefilled once (every position kept: compression none), then generate
+        cache = model.compress(pix, None, prefix_ids=PREFIX)
+        out = model.generate(ids, visual_cache=cache, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    expected = out[:, ids.shape[1]:].tolist()
+    full = load_for_method(upper_dir, name, budget=tiny_config().num_patches)
+    assert full.generate_answers(pix, PREFIX, QUESTIONS, 6, eos_token_id=-1) == expected

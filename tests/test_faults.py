@@ -16,17 +16,20 @@ from htc_vlm.cli import main
 RUN = "import sys; from htc_vlm.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
-def _kill_after(args, done, timeout=120.0):
-    """Start ``htc-vlm args`` in a process, SIGKILL it as soon as ``done()`` is true; True if it was
-    killed (False: it finished first, the test then has nothing to check)."""
-    proc = subprocess.Popen([sys.executable, "-c", RUN, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _kill_after(args, done, sig=signal.SIGKILL, timeout=120.0):
+    """Start ``htc-vlm args`` in a process, send it ``sig`` as soon as ``done()`` is true; True if it
+    was stopped so (False: it finished first, the test then has nothing to check). For SIGINT (Ctrl-C)
+    the process must exit by itself with 130 and say how to resume, without a traceback."""
+    proc = subprocess.Popen([sys.executable, "-c", RUN, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     t0 = time.monotonic()
     try:
         while proc.poll() is None and time.monotonic() - t0 < timeout:
             if done():
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-                return True
+                proc.send_signal(sig)
+                _, err = proc.communicate(timeout=60)
+                if sig == signal.SIGINT and proc.returncode != 0:
+                    assert proc.returncode == 130 and b"run the same command again" in err and b"Traceback" not in err
+                return proc.returncode != 0
             time.sleep(0.01)
         return False
     finally:
@@ -44,14 +47,15 @@ def _lines(path):
     return path.read_text().count("\n") if path.exists() else 0
 
 
-def test_eval_killed_mid_run_resumes_to_the_uninterrupted_result(model_dir, scenes_dir, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
+def test_eval_killed_mid_run_resumes_to_the_uninterrupted_result(model_dir, scenes_dir, tmp_path, sig):
     questions = scenes_dir / "test" / "open.jsonl"
     n = _lines(questions)
     args = ["eval", "--model", str(model_dir), "--benchmark", "scenes_open", "--questions", str(questions),
             "--images", str(scenes_dir / "images"), "--batch-size", "1"]
     out = tmp_path / "killed"
     preds = out / "predictions.jsonl"
-    if not _kill_after(args + ["--out", str(out)], lambda: _lines(preds) >= 5):
+    if not _kill_after(args + ["--out", str(out)], lambda: _lines(preds) >= 5, sig):
         pytest.skip("eval finished before it could be killed")
     kept = _lines(preds)
     assert 5 <= kept < n and not (out / "metrics.json").exists()
@@ -63,7 +67,8 @@ def test_eval_killed_mid_run_resumes_to_the_uninterrupted_result(model_dir, scen
     assert metrics[0]["metrics"] == metrics[1]["metrics"]
 
 
-def test_compress_killed_mid_run_keeps_finished_caches_and_completes(model_dir, scenes_dir, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
+def test_compress_killed_mid_run_keeps_finished_caches_and_completes(model_dir, scenes_dir, tmp_path, sig):
     from htc_vlm import VisualCache
 
     images = sorted((scenes_dir / "images").glob("test_*.png"))
@@ -73,7 +78,7 @@ def test_compress_killed_mid_run_keeps_finished_caches_and_completes(model_dir, 
     def caches():
         return sorted(out.glob("*.safetensors")) if out.exists() else []
 
-    if not _kill_after(args + ["--out", str(out), *map(str, images)], lambda: len(caches()) >= 3):
+    if not _kill_after(args + ["--out", str(out), *map(str, images)], lambda: len(caches()) >= 3, sig):
         pytest.skip("compress finished before it could be killed")
     assert 3 <= len(caches()) < len(images)
     for f in caches():  # whatever is there under its name is a whole cache

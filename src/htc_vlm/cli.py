@@ -412,14 +412,24 @@ def main(argv: list[str] | None = None) -> int:
     except HTCError as e:
         console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         return 2
+    except KeyboardInterrupt:
+        return _interrupted()
     except OSError as e:  # the file system said no (read-only, full, permissions, a path too long)
         where = f" {e.filename}" + (f" -> {e.filename2}" if e.filename2 else "") if e.filename else ""
         console.print(f"[red]error:[/red] cannot read or write{where}: {e.strerror or e}", highlight=False,
                       soft_wrap=True)
         return 2
     except SystemExit as e:
+        if e.code == 130:  # typer turns Ctrl-C into exit code 130 without a word
+            return _interrupted()
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     return 0
+
+
+def _interrupted() -> int:
+    console.print("[yellow]interrupted[/yellow]: what was finished is kept; run the same command again to resume",
+                  highlight=False)
+    return 130
 
 
 if __name__ == "__main__":

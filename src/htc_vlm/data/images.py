@@ -45,13 +45,18 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def _check_size(dims: tuple[int, int], size: int | None, resize: bool, name: str) -> bool:
+    """Whether an image of ``dims`` must be resized to ``size``; another size without ``resize`` is refused."""
+    if size is None or dims == (size, size):
+        return False
+    if not resize:
+        raise HTCError(f"{name} is {dims[0]}x{dims[1]} but {size}x{size} is expected")
+    return True
+
+
 def fit(img: Image.Image, size: int | None, resize: bool, name: str) -> Image.Image:
     """Refuse another size than ``size`` by ``name``, or resize (bicubic) when ``resize``."""
-    if size is not None and img.size != (size, size):
-        if not resize:
-            raise HTCError(f"{name} is {img.size[0]}x{img.size[1]} but {size}x{size} is expected")
-        img = img.resize((size, size), Image.BICUBIC)
-    return img
+    return img.resize((size, size), Image.BICUBIC) if _check_size(img.size, size, resize, name) else img
 
 
 @contextmanager
@@ -74,34 +79,32 @@ def _decoding(path: Path):
         raise HTCError(f"cannot decode image {path}: {e}") from e
 
 
-def load_rgb(path: str | Path, size: int | None = None, resize: bool = False) -> Image.Image:
-    """Open ``path`` as RGB. With ``size``: refuse another size, or resize (bicubic) if ``resize``.
-    A PNG whose chunk checksums do not match (Pillow would decode it with wrong pixels) is refused."""
-    path = Path(path)
-    with _decoding(path):
-        with Image.open(path) as im:
+def _read_rgb(source, name: str, size: int | None, resize: bool, max_pixels: int | None = None) -> Image.Image:
+    """The image ``source()`` opens (a path or a fresh file object each call), as RGB and fitted to
+    ``size``. A PNG whose chunk checksums do not match (Pillow would decode it with wrong pixels) is
+    refused; with ``max_pixels``, so is a larger image, from its header, before it is decoded."""
+    with _decoding(Path(name)):
+        with Image.open(source()) as im:
+            if max_pixels is not None and im.size[0] * im.size[1] > max_pixels:
+                raise HTCError(f"{name} is {im.size[0]}x{im.size[1]}, over the limit of {max_pixels} pixels")
             if im.format == "PNG":
                 im.verify()  # every chunk's CRC; a verified image must be opened again to decode
-        with Image.open(path) as im:
+        with Image.open(source()) as im:
             im.load()
             img = to_rgb(im)
-    return fit(img, size, resize, str(path))
+    return fit(img, size, resize, name)
+
+
+def load_rgb(path: str | Path, size: int | None = None, resize: bool = False) -> Image.Image:
+    """Open ``path`` as RGB. With ``size``: refuse another size, or resize (bicubic) if ``resize``."""
+    return _read_rgb(lambda: path, str(path), size, resize)
 
 
 def decode_image(data: bytes, name: str, size: int | None = None, resize: bool = False,
                  max_pixels: int | None = None) -> Image.Image:
     """:func:`load_rgb` for bytes in memory (an upload): ``name`` is only used in errors. With
     ``max_pixels``, an image with more pixels is refused from its header, before it is decoded."""
-    with _decoding(Path(name)):
-        with Image.open(io.BytesIO(data)) as im:
-            if max_pixels is not None and im.size[0] * im.size[1] > max_pixels:
-                raise HTCError(f"{name} is {im.size[0]}x{im.size[1]}, over the limit of {max_pixels} pixels")
-            if im.format == "PNG":
-                im.verify()
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            img = to_rgb(im)
-    return fit(img, size, resize, name)
+    return _read_rgb(lambda: io.BytesIO(data), name, size, resize, max_pixels)
 
 
 def check_header(path: str | Path, size: int | None = None, resize: bool = False) -> None:
@@ -112,8 +115,7 @@ def check_header(path: str | Path, size: int | None = None, resize: bool = False
     with _decoding(path):
         with Image.open(path) as im:
             dims = im.size
-    if size is not None and dims != (size, size) and not resize:
-        raise HTCError(f"{path} is {dims[0]}x{dims[1]} but {size}x{size} is expected")
+    _check_size(dims, size, resize, str(path))
 
 
 def image_under(root: str | Path, name: str) -> Path:

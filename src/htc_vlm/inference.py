@@ -69,13 +69,18 @@ class ImageEncoder:
         return pix, q
 
 
+def cache_maker(fingerprint: str, prefix: list[int] | None, layout: str = "") -> str:
+    """12 hex digits naming what made a cache: the model's fingerprint, the template prefix and, for
+    a cache stored in another layout (the server's image part alone), that layout."""
+    return hashlib.sha256(f"{fingerprint}:{prefix}{':' + layout if layout else ''}".encode()).hexdigest()[:12]
+
+
 def cache_path(out: Path, image_bytes: bytes, stem: str, fingerprint: str, prefix: list[int] | None = None) -> Path:
     """``OUT/<stem>-<image hash>-<maker>.safetensors``: keyed by the image's content (16 hex digits of
-    its SHA-256) and by what made the cache (12 of the hash of the model's fingerprint and the
-    template prefix), so two images with one name, a changed image, or two models or templates
-    sharing a folder never meet one another's cache; the stem is only there for people."""
-    maker = hashlib.sha256(f"{fingerprint}:{prefix}".encode()).hexdigest()[:12]
-    return out / f"{stem}-{hashlib.sha256(image_bytes).hexdigest()[:16]}-{maker}.safetensors"
+    its SHA-256) and by what made the cache (:func:`cache_maker`), so two images with one name, a
+    changed image, or two models or templates sharing a folder never meet one another's cache; the
+    stem is only there for people."""
+    return out / f"{stem}-{hashlib.sha256(image_bytes).hexdigest()[:16]}-{cache_maker(fingerprint, prefix)}.safetensors"
 
 
 def compress_images(model, encoder: ImageEncoder, images: list[Path], out: Path, template: str = "plain",

@@ -22,7 +22,7 @@ from ..cache import VisualCache
 from ..data.images import decode_image
 from ..data.llava import PromptBuilder, get_template
 from ..errors import HTCError
-from ..inference import ImageEncoder
+from ..inference import ImageEncoder, cache_maker
 from ..layout import check_context, left_pad
 from .store import CacheStore
 
@@ -129,7 +129,7 @@ class Engine:
         self.prefix = self.builder.prefix_ids()
         fingerprint = model.fingerprint()
         # the stored caches hold the image part only (the prefix is shared): a layout of its own
-        self.maker = hashlib.sha256(f"{fingerprint}:{self.prefix}:image-part".encode()).hexdigest()[:12]
+        self.maker = cache_maker(fingerprint, self.prefix, "image-part")
         self.store.fingerprint = fingerprint
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="htc-model")
         self._compressing: dict[str, asyncio.Future] = {}

@@ -157,9 +157,7 @@ def load_model(model_dir: Path, method: str = "model", budget: int | None = None
     from transformers import AutoTokenizer
 
     from .methods import get_method, load_for_method, parse_options
-    from .modeling import check_model_folder
 
-    check_model_folder(model_dir)
     opts = parse_options(get_method(method), options) if method != "model" else {}
     model = load_for_method(model_dir, method, budget, opts)
     try:

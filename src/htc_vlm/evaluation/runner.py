@@ -193,6 +193,8 @@ def run_eval(model, tokenizer, benchmark: str, questions_file: str | Path, image
              max_new_tokens: int = 8, likelihood: bool = False, image_norm: str | None = None, resize: bool = False,
              progress=None, model_name: str = "") -> dict:
     bench = get_benchmark(benchmark)
+    if likelihood and not bench.multiple_choice:
+        raise HTCError(f"--likelihood is for multiple-choice benchmarks; {bench.name} is open-ended")
     rows = scored_rows(benchmark, questions_file)
     source = ImageEncoder(model, features, image_norm=image_norm, resize=resize, root=Path(images))
     out = Path(out)
@@ -214,8 +216,6 @@ def run_eval(model, tokenizer, benchmark: str, questions_file: str | Path, image
     def prompt(r):
         return prompt_for(r, bench.prompt_suffix)
 
-    if likelihood and not bench.multiple_choice:
-        raise HTCError(f"--likelihood is for multiple-choice benchmarks; {bench.name} is open-ended")
     builder = PromptBuilder(tokenizer, get_template(template), model.config)
     head = len(image_prompt_ids(model.config, builder.prefix_ids()))
     for r in todo:  # before any answer: an over-long question is refused by its id

@@ -165,8 +165,9 @@ class Engine:
         fut = asyncio.get_running_loop().create_future()
         self._compressing[key] = fut
         try:
-            cache = await asyncio.get_running_loop().run_in_executor(self._worker, self._compress, data)
-            self.store.put(key, cache)
+            loop = asyncio.get_running_loop()
+            cache = await loop.run_in_executor(self._worker, self._compress, data)
+            await loop.run_in_executor(None, self.store.put, key, cache)  # file or object-store I/O off the event loop
             fut.set_result(cache)
         except BaseException as e:
             fut.set_exception(e)
@@ -265,7 +266,7 @@ class Engine:
 
     @torch.no_grad()
     def _answer(self, group: list[_Question], loop=None) -> list[Answer]:
-        caches = VisualCache.cat([q.cache for q in group]).after(self._prefix_of(group[0].cache))  # (B, H, K, Dh)
+        caches = VisualCache.cat([q.cache for q in group]).after(self._prefix_of())  # (B, H, K, Dh)
         ids, mask = left_pad([q.ids for q in group], self.tok.pad_token_id)  # (B, L)
         new = max(q.max_tokens for q in group)
         sample = group[0].temperature > 0
@@ -290,7 +291,7 @@ class Engine:
             streamer.finish(answers)
         return answers
 
-    def _prefix_of(self, image: VisualCache) -> VisualCache:
+    def _prefix_of(self) -> VisualCache:
         """The shared prefix cache; after a restart with caches on disk, made from the model once."""
         if self._prefix_cache is None:
             blank = torch.zeros(1, 3, self.model.config.vision_config.image_size, self.model.config.vision_config.image_size)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from htc_vlm.evaluation.scorers import get_benchmark, mcq, pope, vqa
+from htc_vlm.evaluation.scorers import get_benchmark, mcq, mme, pope, vqa
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "official_scores.json").read_text())
 
@@ -82,3 +82,54 @@ def test_scienceqa_letter_past_the_choices_is_wrong():
     q = [{"question_id": "1", "answer": "C", "options": ["a", "b", "c"]}]
     assert get_benchmark("scienceqa_img").score(q, {"1": "C. c"})["accuracy"] == 100.0
     assert get_benchmark("seed").score(q, {"1": "C. c"})["accuracy"] == 0.0
+
+
+CLOSED = json.loads((Path(__file__).parent / "fixtures" / "official_closed.json").read_text())
+ANSWERS = CLOSED["predictions"]  # stripped, as the answering scripts write them
+
+
+def _differences(ours, official):
+    return [(a, o, r) for a, o, r in zip(ANSWERS, ours, official) if o != r]
+
+
+def test_closed_fixture_is_adversarial_enough():
+    assert len(ANSWERS) >= 200 and len(set(ANSWERS)) == len(ANSWERS)
+    assert any("\n" in a for a in ANSWERS) and any(a.startswith("The answer is") for a in ANSWERS)
+
+
+def test_pope_equals_eval_pope_on_the_closed_fixture():
+    assert not _differences([pope.parse(a) for a in ANSWERS], CLOSED["pope"])
+
+
+def test_mme_reading_equals_calculation_py_on_every_item():
+    assert not _differences([mme.parse(a) for a in ANSWERS], CLOSED["mme"])
+
+
+def test_mme_task_scores_equal_calculation_py():
+    rows, official = CLOSED["mme_tasks"]["rows"], CLOSED["mme_tasks"]["scores"]
+    qs = [{"question_id": str(i), "category": t, "image": img, "answer": g} for i, (t, img, g, _) in enumerate(rows)]
+    got = mme.score(qs, {str(i): r[3] for i, r in enumerate(rows)})
+    assert set(got["per_task"]) == set(official) and len(official) == 14
+    for task, value in official.items():
+        assert got["per_task"][task]["score"] == pytest.approx(value, abs=1e-9), task
+    assert got["cognition"] == pytest.approx(sum(official[t] for t in mme.COGNITION))
+    assert got["perception"] == pytest.approx(sum(v for t, v in official.items() if t not in mme.COGNITION))
+
+
+def test_seed_equals_convert_seed_for_submission_on_every_item():
+    golds = CLOSED["seed"]["answers"]
+    ours = [[mcq.read_seed(a, ["dog", "cat", "cow", "hen"]) == g for g in golds] for a in ANSWERS]
+    assert not _differences(ours, CLOSED["seed"]["right"])
+
+
+def test_scienceqa_equals_eval_science_qa_on_every_item():
+    ns = CLOSED["scienceqa"]["choices"]
+    ours = [[mcq.read_scienceqa(a, [f"c{c}" for c in range(n)]) for n in ns] for a in ANSWERS]
+    assert not _differences(ours, CLOSED["scienceqa"]["letters"])
+
+
+def test_gqa_equals_llava_conversion_and_exact_match_on_every_item():
+    golds = CLOSED["gqa"]["answers"]
+    score = get_benchmark("gqa").score
+    ours = [[score([{"question_id": "q", "answer": g}], {"q": a})["accuracy"] == 100.0 for g in golds] for a in ANSWERS]
+    assert not _differences(ours, CLOSED["gqa"]["right"])

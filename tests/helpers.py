@@ -42,3 +42,15 @@ def images(config, b=2, seed=1):
 def left_pad(rows, pad=0):
     """Left-pad lists of ids: (ids, attention_mask)."""
     return _left_pad(rows, pad)
+
+
+SMALL = ["optim.per_device_train_batch_size=2", "optim.logging_steps=1", "data.max_length=400"]
+
+
+def train_args(run, stage: str, out: str, *extra: str) -> list[str]:
+    """``htc-vlm train`` overrides for a stage on a ``tiny_run`` folder (scenes + features), writing run/out."""
+    s = run / "scenes"
+    return [f"stage={stage}", f"output_dir={run / out}", f"data.images={s / 'images'}",
+            f"data.tokenizer={s / 'tokenizer'}", f"data.features={run / 'features.safetensors'}",
+            f"data.scenes={s / 'train' / 'scenes.jsonl'}", f"data.conversations={s / 'train' / 'conversations.json'}",
+            *SMALL, *extra]

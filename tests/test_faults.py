@@ -1,6 +1,7 @@
-"""kill -9 in the middle of a command, then the same command again: it resumes, keeps what was
-finished, and ends with the output of an uninterrupted run (issue #18). The kill comes at a point the
-test chooses: once the command has written a given number of results."""
+"""kill -9 (or Ctrl-C) in the middle of a command, then the same command again: it resumes, keeps what
+was finished, and ends with the output of an uninterrupted run (issue #18). The kill comes at a point
+the test chooses: once the command has written a given number of results (predictions, caches,
+batches, checkpoints, finished stages)."""
 
 import json
 import signal
@@ -12,6 +13,8 @@ import pytest
 import torch
 
 from htc_vlm.cli import main
+
+from helpers import train_args
 
 RUN = "import sys; from htc_vlm.cli import main; sys.exit(main(sys.argv[1:]))"
 
@@ -106,3 +109,154 @@ def test_two_processes_compressing_into_one_folder_leave_only_whole_caches(model
     for f in files:
         VisualCache.load(f)
     assert not [f for f in out.iterdir() if f.name.startswith(".")]  # no temporary file left behind
+
+
+def test_encode_discrete_killed_mid_run_resumes_from_its_finished_batches(tmp_path, scenes_dir, monkeypatch):
+    from htc_vlm.vq.model import MultiGroupVQ, VQConfig
+    from htc_vlm.vq.store import FeatureStore
+
+    torch.manual_seed(0)
+    MultiGroupVQ(VQConfig(image_size=48, downsample=4, base_channels=8, codebook_size=16, kmeans_init=False)).save(
+        tmp_path / "tok")
+    images = scenes_dir / "images"
+    n = len(list(images.glob("*.png")))
+    args = ["encode-discrete", "--tokenizer", str(tmp_path / "tok"), "--images", str(images), "--batch-size", "4"]
+    out = tmp_path / "q.safetensors"
+    work = tmp_path / ".q.safetensors.partial"
+
+    def batches():
+        return sorted(work.glob("batch-*.safetensors")) if work.exists() else []
+
+    if not _kill_after(args + ["--out", str(out)], lambda: len(batches()) >= 3):
+        pytest.skip("encode-discrete finished before it could be killed")
+    kept = len(batches())
+    assert not out.exists() and 3 <= kept < -(-n // 4)
+    calls = []
+    real_q = MultiGroupVQ.q
+    monkeypatch.setattr(MultiGroupVQ, "q", lambda self, x: calls.append(len(x)) or real_q(self, x))
+    assert main(args + ["--out", str(out)]) == 0
+    assert sum(calls) == n - 4 * kept  # only the batches not finished were encoded again
+    assert not work.exists()
+    assert main(args + ["--out", str(tmp_path / "whole.safetensors")]) == 0
+    a, b = FeatureStore(out), FeatureStore(tmp_path / "whole.safetensors")
+    assert a.ids() == b.ids() and len(a) == n and all(torch.equal(a[i], b[i]) for i in a.ids())
+
+
+def test_encode_discrete_reuses_a_kept_batch_only_for_the_same_tokenizer_and_files(tmp_path, scenes_dir):
+    from htc_vlm.vq.model import MultiGroupVQ, VQConfig
+    from htc_vlm.vq.store import encode_folder
+
+    cfg = VQConfig(image_size=48, downsample=4, base_channels=8, codebook_size=16, kmeans_init=False)
+    toks = [torch.manual_seed(s) and MultiGroupVQ(cfg).eval() for s in (0, 1)]
+    images, work = scenes_dir / "images", tmp_path / "work"
+    first, _ = encode_folder(toks[0], images, 8, work=work, tokenizer_key="tok0")
+    again, _ = encode_folder(toks[1], images, 8, work=work, tokenizer_key="tok0")  # same key: read back
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    other, _ = encode_folder(toks[1], images, 8, work=work, tokenizer_key="tok1")  # another tokenizer
+    fresh, _ = encode_folder(toks[1], images, 8)
+    assert all(torch.equal(other[k], fresh[k]) for k in fresh) and not any(torch.equal(other[k], first[k]) for k in first)
+    for f in work.glob("*.safetensors"):  # a torn batch file is encoded again, not trusted
+        f.write_bytes(f.read_bytes()[:100])
+    torn, _ = encode_folder(toks[1], images, 8, work=work, tokenizer_key="tok1")
+    assert all(torch.equal(torn[k], fresh[k]) for k in fresh)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
+def test_train_tokenizer_killed_mid_run_resumes_to_the_uninterrupted_weights(tmp_path, scenes_dir, sig):
+    from safetensors.torch import load_file
+
+    args = ["train-tokenizer", "--images", str(scenes_dir / "images"), "--steps", "12", "--batch-size", "4",
+            "--eval-every", "2"]
+    out = tmp_path / "killed"
+    state = out / "checkpoint" / "state.json"
+
+    def at_step(k):
+        try:
+            return json.loads(state.read_text())["step"] >= k
+        except (OSError, ValueError):
+            return False
+
+    if not _kill_after(args + ["--out", str(out)], lambda: at_step(4), sig):
+        pytest.skip("train-tokenizer finished before it could be killed")
+    assert not (out / "tokenizer").exists()
+    assert main(args + ["--out", str(out)]) == 0
+    assert main(args + ["--out", str(tmp_path / "whole")]) == 0
+    a, b = (load_file(d / "tokenizer" / "model.safetensors") for d in (out, tmp_path / "whole"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6, 8, 10, 12]  # each evaluation once, none lost or repeated
+
+
+def test_train_killed_mid_run_resumes_to_the_uninterrupted_weights(tiny_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from htc_vlm.training.run import last_checkpoint
+
+    run = tiny_run
+    args = ["train", "--config", "tiny"]
+    extra = ("optim.max_steps=8", "optim.save_steps=2")
+    killed = run / "fault-killed"
+    if not _kill_after(args + train_args(run, "vision", "fault-killed", *extra),
+                       lambda: (last_checkpoint(killed) or "").endswith("checkpoint-4")):
+        pytest.skip("train finished before it could be killed")
+    assert not (killed / "model").exists()
+    assert main(args + train_args(run, "vision", "fault-killed", *extra)) == 0
+    assert main(args + train_args(run, "vision", "fault-whole", *extra)) == 0
+    a, b = (load_file(run / d / "model" / "model.safetensors") for d in ("fault-killed", "fault-whole"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+REPRODUCE = """
+import sys, time
+from pathlib import Path
+import htc_vlm.reproduce as rp
+from htc_vlm.cli import main
+
+log = Path(sys.argv[1]) / "calls.log"
+
+def stage(name, hold):
+    def run(root, preset):
+        with open(log, "a") as f:
+            f.write(name + "\\n")
+        t0 = time.monotonic()
+        while hold and (Path(sys.argv[1]) / "hold").exists() and time.monotonic() - t0 < 60:
+            time.sleep(0.05)
+        (root / f"{name}.txt").write_text(name)
+        return {"outputs": f"{name}.txt", "command": "true"}
+    return rp.Stage(name, run, f"stage {name}")
+
+rp.stages = lambda p: [stage("a", False), stage("b", True), stage("c", False)]
+sys.exit(main(["reproduce", "--quick", "--out", sys.argv[2]]))
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
+def test_reproduce_killed_mid_stage_keeps_finished_stages_and_completes(tmp_path, sig):
+    """The run record and report under kill: stage a finished, b killed while running, c not begun."""
+    (tmp_path / "hold").touch()
+    out = tmp_path / "run"
+
+    def run_until(done):
+        proc = subprocess.Popen([sys.executable, "-c", REPRODUCE, str(tmp_path), str(out)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        t0 = time.monotonic()
+        while proc.poll() is None and time.monotonic() - t0 < 60 and not done():
+            time.sleep(0.01)
+        return proc
+
+    calls = lambda: (tmp_path / "calls.log").read_text().split() if (tmp_path / "calls.log").exists() else []  # noqa: E731
+    proc = run_until(lambda: calls() == ["a", "b"])
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and b"Traceback" not in err
+    record = json.loads((out / "run.json").read_text())
+    assert {k: v["status"] for k, v in record["stages"].items()} == {"a": "done"}
+    (tmp_path / "hold").unlink()
+    proc = run_until(lambda: False)
+    assert proc.wait(timeout=60) == 0
+    assert calls() == ["a", "b", "b", "c"]  # a kept, b started again, c run once
+    record = json.loads((out / "run.json").read_text())
+    assert {k: v["status"] for k, v in record["stages"].items()} == {"a": "done", "b": "done", "c": "done"}
+    assert all((out / f"{n}.txt").exists() for n in "abc") and (out / "report.md").exists()

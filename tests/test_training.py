@@ -16,26 +16,18 @@ from htc_vlm.presets import build_config
 from htc_vlm.training.config import PRESET_DIR, load_config
 from htc_vlm.training.run import MARKER, last_checkpoint, train
 
-SMALL = ["optim.per_device_train_batch_size=2", "optim.logging_steps=1", "data.max_length=400"]
-
-
-def _args(run: Path, stage: str, out: str, *extra: str) -> list[str]:
-    s = run / "scenes"
-    return [f"stage={stage}", f"output_dir={run / out}", f"data.images={s / 'images'}",
-            f"data.tokenizer={s / 'tokenizer'}", f"data.features={run / 'features.safetensors'}",
-            f"data.scenes={s / 'train' / 'scenes.jsonl'}", f"data.conversations={s / 'train' / 'conversations.json'}",
-            *SMALL, *extra]
+from helpers import train_args
 
 
 @pytest.fixture(scope="module")
 def instructed(tiny_run):
     """vision -> align -> instruct, two steps each, through the CLI."""
     run = tiny_run
-    assert main(["train", "--config", "tiny", *_args(run, "vision", "vision", "optim.max_steps=2")]) == 0
-    assert main(["train", "--config", "tiny", *_args(run, "align", "align", "optim.max_steps=2",
+    assert main(["train", "--config", "tiny", *train_args(run, "vision", "vision", "optim.max_steps=2")]) == 0
+    assert main(["train", "--config", "tiny", *train_args(run, "align", "align", "optim.max_steps=2",
                                                       f"model.vision_tower={run / 'vision' / 'model'}",
                                                       f"data.conversations={run / 'scenes/train/captions.json'}")]) == 0
-    assert main(["train", "--config", "tiny", *_args(run, "instruct", "instruct", "optim.max_steps=2",
+    assert main(["train", "--config", "tiny", *train_args(run, "instruct", "instruct", "optim.max_steps=2",
                                                       f"model.init={run / 'align' / 'model'}")]) == 0
     return run
 
@@ -101,7 +93,7 @@ def test_stages_train_and_save_loadable_models(instructed):
 def test_compress_stage(instructed, compression):
     run = instructed
     before = HTCForConditionalGeneration.from_pretrained(run / "instruct" / "model")
-    assert main(["train", "--config", "tiny", *_args(run, "compress", f"c-{compression}", "optim.max_steps=2",
+    assert main(["train", "--config", "tiny", *train_args(run, "compress", f"c-{compression}", "optim.max_steps=2",
                                                       f"model.init={run / 'instruct' / 'model'}",
                                                       f"model.compression={compression}")]) == 0
     after = HTCForConditionalGeneration.from_pretrained(run / f"c-{compression}" / "model")
@@ -127,7 +119,7 @@ class StopAt(TrainerCallback):
 
 def test_same_seed_same_weights_and_resume_equals_uninterrupted(instructed):
     run = instructed
-    base = _args(run, "instruct", "", "optim.max_steps=4", "optim.save_steps=2", f"model.init={run / 'align' / 'model'}")
+    base = train_args(run, "instruct", "", "optim.max_steps=4", "optim.save_steps=2", f"model.init={run / 'align' / 'model'}")
 
     def cfg(out):
         return load_config("tiny", base + [f"output_dir={run / out}"])
@@ -147,7 +139,7 @@ def test_same_seed_same_weights_and_resume_equals_uninterrupted(instructed):
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(instructed):
     run = instructed
     out = run / "nan"
-    cfg = load_config("tiny", _args(run, "instruct", "nan", "optim.max_steps=6", "optim.save_steps=1",
+    cfg = load_config("tiny", train_args(run, "instruct", "nan", "optim.max_steps=6", "optim.save_steps=1",
                                     "optim.learning_rate=1e30", "optim.max_grad_norm=0", "optim.warmup_ratio=0",
                                     f"model.init={run / 'align' / 'model'}"))
     with pytest.raises(HTCError, match="the loss became nan.*last good checkpoint: .*checkpoint-"):
@@ -169,7 +161,7 @@ def test_bad_training_data_is_named(instructed, tmp_path):
         spoil(data)
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps(data))
-        cfg = load_config("tiny", _args(run, "instruct", f"bad-{name}", "optim.max_steps=1",
+        cfg = load_config("tiny", train_args(run, "instruct", f"bad-{name}", "optim.max_steps=1",
                                         f"model.init={run / 'align' / 'model'}", f"data.conversations={path}"))
         with pytest.raises(HTCError, match=r"sample 'train_000000-0[12]'"):
             train(cfg)
@@ -177,7 +169,7 @@ def test_bad_training_data_is_named(instructed, tmp_path):
     from htc_vlm.vq.store import write_store
 
     write_store({"other.png": torch.zeros(32 * 12 * 12)}, tmp_path / "f.safetensors")
-    cfg = load_config("tiny", _args(run, "compress", "bad-store", "optim.max_steps=1", "model.compression=htc",
+    cfg = load_config("tiny", train_args(run, "compress", "bad-store", "optim.max_steps=1", "model.compression=htc",
                                     f"model.init={run / 'instruct' / 'model'}", f"data.features={tmp_path / 'f.safetensors'}"))
     with pytest.raises(HTCError, match="image id 'train_000000.png' is not in the feature store"):
         train(cfg)
@@ -187,7 +179,7 @@ def test_torchrun_two_ranks_hold_identical_weights(instructed, tmp_path):
     run = instructed
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
            str(Path(__file__).parent / "train_ddp_script.py"), str(tmp_path),
-           *_args(run, "instruct", "ddp", "optim.max_steps=2", f"model.init={run / 'align' / 'model'}")]
+           *train_args(run, "instruct", "ddp", "optim.max_steps=2", f"model.init={run / 'align' / 'model'}")]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -349,10 +341,10 @@ def test_compress_run_stops_when_its_validation_loss_is_flat(instructed):
     common = [f"model.init={run / 'instruct' / 'model'}", "model.compression=voco",
               f"data.val_conversations={s / 'val' / 'conversations.json'}", "data.val_items=2",
               "optim.eval_steps=1", "optim.max_steps=12", "data.pack_by_image=true"]
-    assert main(["train", "--config", "tiny", *_args(run, "compress", "flat", *common, "optim.stop_when_flat=1.0")]) == 0
+    assert main(["train", "--config", "tiny", *train_args(run, "compress", "flat", *common, "optim.stop_when_flat=1.0")]) == 0
     curve = json.loads((run / "flat" / "model" / "val_curve.json").read_text())
     assert curve["flat"] and curve["final_step"] == 3 < 12 and curve["steps"] == [1, 2, 3]
-    assert main(["train", "--config", "tiny", *_args(run, "compress", "cap", *common)]) == 0
+    assert main(["train", "--config", "tiny", *train_args(run, "compress", "cap", *common)]) == 0
     capped = json.loads((run / "cap" / "model" / "val_curve.json").read_text())
     assert capped["final_step"] == 12 and len(capped["val_loss"]) == 12
     with pytest.raises(HTCError, match="stop_when_flat needs optim.eval_steps"):
@@ -367,7 +359,7 @@ def test_the_image_normalisation_is_saved_with_the_model_and_used_everywhere(ins
     from htc_vlm.inference import ImageEncoder
 
     run = instructed
-    assert main(["train", "--config", "tiny", *_args(run, "compress", "c-clip", "optim.max_steps=1",
+    assert main(["train", "--config", "tiny", *train_args(run, "compress", "c-clip", "optim.max_steps=1",
                                                       f"model.init={run / 'instruct' / 'model'}",
                                                       "model.compression=voco", "data.image_norm=clip")]) == 0
     model = HTCForConditionalGeneration.from_pretrained(run / "c-clip" / "model")

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -128,9 +129,12 @@ def test_encode_discrete_converts_grey_and_rgba_and_names_bad_files(tmp_path, ca
     Image.new("RGBA", (64, 64), (255, 0, 0, 100)).save(folder / "rgba.png")
     Image.new("RGB", (32, 32)).save(folder / "small.png")
     (folder / "broken.png").write_bytes(b"not a png")
+    Image.new("RGB", (64, 64)).save(tmp_path / "outside.png")
+    os.symlink(tmp_path / "outside.png", folder / "link.png")  # inside the folder, pointing out of it
     MultiGroupVQ(_small()).save(tmp_path / "tok")
     assert main(["encode-discrete", "--tokenizer", str(tmp_path / "tok"), "--images", str(folder),
                  "--out", str(tmp_path / "q.safetensors")]) == 1  # the good images written, exit 1
     err = capsys.readouterr().err
-    assert "small.png is 32x32 but 64x64" in err and "broken.png" in err and "2 failed" in err
+    assert "small.png is 32x32 but 64x64" in err and "broken.png" in err and "3 failed" in err
+    assert "'link.png' is outside the image folder" in err
     assert FeatureStore(tmp_path / "q.safetensors").ids() == ["grey.png", "rgba.png"]

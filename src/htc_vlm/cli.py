@@ -101,7 +101,11 @@ def encode_discrete(
     shard_size: Annotated[int, typer.Option(min=1, help="Images per shard file.")] = 50_000,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store.")] = False,
 ) -> None:
-    """Write q (the flattened quantized latent) of every image to a safetensors feature store."""
+    """Write q (the flattened quantized latent) of every image to a safetensors feature store; a run
+    stopped part way resumes from the batches it finished."""
+    import hashlib
+    import shutil
+
     from .data.images import list_images
     from .vq.model import MultiGroupVQ
     from .vq.store import encode_folder, write_store
@@ -111,9 +115,12 @@ def encode_discrete(
     folder = tokenizer / "tokenizer" if (tokenizer / "tokenizer" / "config.json").exists() else tokenizer
     model = MultiGroupVQ.load(folder)
     n = len(list_images(images, recursive=True))
+    work = out.with_name(f".{out.name}.partial")  # finished batches: a run started again resumes from them
+    key = hashlib.sha256(b"".join((folder / f).read_bytes() for f in ("config.json", "model.safetensors"))).hexdigest()
     with progress_bar() as bar:
         task = bar.add_task("encoding", total=n)
-        feats, failed = encode_folder(model, images, batch_size, progress=lambda k: bar.advance(task, k))
+        feats, failed = encode_folder(model, images, batch_size, progress=lambda k: bar.advance(task, k),
+                                      work=work, tokenizer_key=key)
     for msg in failed:
         console.print(f"[red]failed:[/red] {msg}", highlight=False)
     if not feats:
@@ -121,6 +128,7 @@ def encode_discrete(
     cfg = model.config
     write_store(feats, out, shard_size, metadata={"channels": cfg.latent_channels, "grid": cfg.grid,
                                                    "q_dim": cfg.q_dim, "tokenizer": str(folder)})
+    shutil.rmtree(work, ignore_errors=True)
     console.print(f"wrote q ({cfg.q_dim} values) of {len(feats)} images to {out}"
                   + (f"; {len(failed)} failed" if failed else ""))
     if failed:

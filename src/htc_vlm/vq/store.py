@@ -15,6 +15,7 @@ Features from another tokenizer, for example the official MGVQ ``encode()`` outp
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -109,26 +110,72 @@ class FeatureStore:
         return torch.stack([self[i] for i in image_ids])  # (B, Q)
 
 
-def encode_folder(tokenizer, images_dir: str | Path, batch_size: int = 64, progress=None) -> tuple[dict, list[str]]:
+def _batch_key(tokenizer_key: str, root: Path, files: list[Path]) -> str:
+    """What a batch of q depends on: the tokenizer, and each file's path, size and modification time."""
+    h = hashlib.sha256(tokenizer_key.encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(root).as_posix()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def encode_folder(tokenizer, images_dir: str | Path, batch_size: int = 64, progress=None,
+                  work: str | Path | None = None, tokenizer_key: str = "") -> tuple[dict, list[str]]:
     """q of every image below ``images_dir``, keyed by its path relative to the folder (the
-    ``image`` field of LLaVA files). Returns the features and the files that failed, with why."""
-    from ..data.images import list_images, load_rgb, to_tensor
+    ``image`` field of LLaVA files). Returns the features and the files that failed, with why.
+
+    With ``work``, each finished batch is kept there (one safetensors file, written atomically, keyed by
+    ``tokenizer_key`` and its files' paths, sizes and times), and a batch found there with the same key
+    is read instead of encoded again: a killed run, started again, resumes."""
+    from ..data.images import image_under, list_images, load_rgb, to_tensor
 
     root = Path(images_dir)
     files = list_images(root, recursive=True)
     features, failed = {}, []
     size = tokenizer.config.image_size
     for i in range(0, len(files), batch_size):
-        chunk, ids = [], []
-        for f in files[i:i + batch_size]:
+        batch = files[i:i + batch_size]
+        done = None
+        if work is not None:
+            key = _batch_key(tokenizer_key, root, batch)
+            done = Path(work) / f"batch-{i // batch_size:06d}.safetensors"
+            kept = _read_batch(done, key)
+            if kept is not None:
+                features |= kept[0]
+                failed += kept[1]
+                if progress:
+                    progress(len(batch))
+                continue
+        chunk, ids, bad = [], [], []
+        for f in batch:
             try:
+                image_under(root, f.relative_to(root).as_posix())  # a symlink pointing out is not read
                 chunk.append(to_tensor(load_rgb(f, size)))
                 ids.append(f.relative_to(root).as_posix())
             except HTCError as e:
-                failed.append(str(e))
+                bad.append(str(e))
+        got = {}
         if chunk:
             q = tokenizer.q(torch.stack(chunk))  # (B, Q)
-            features |= {k: v.clone() for k, v in zip(ids, q)}
+            got = {k: v.clone() for k, v in zip(ids, q)}
+        if done is not None:
+            atomic_write_bytes(done, st_save(got, metadata={"key": key, "failed": json.dumps(bad)}))
+        features |= got
+        failed += bad
         if progress:
-            progress(len(files[i:i + batch_size]))
+            progress(len(batch))
     return features, failed
+
+
+def _read_batch(path: Path, key: str) -> tuple[dict, list[str]] | None:
+    """A batch kept by an earlier run, if it is whole and was made from the same inputs."""
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("key") != key:
+                return None
+            return {k: f.get_tensor(k) for k in f.keys()}, json.loads(meta["failed"])
+    except (SafetensorError, OSError, ValueError, KeyError):
+        return None  # not readable: encode it again

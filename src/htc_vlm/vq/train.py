@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from ..data.images import list_images, load_rgb, to_tensor
 from ..errors import HTCError
-from ..io import atomic_dir
+from ..io import atomic_dir, atomic_write_bytes
 from .model import MultiGroupVQ, VQConfig
 
 
@@ -92,8 +92,11 @@ def _lr(step: int, cfg: VQTrainConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def _save_checkpoint(out: Path, model: MultiGroupVQ, opt: torch.optim.Optimizer, step: int, train_cfg: VQTrainConfig):
-    """Atomically replace ``out/checkpoint`` with the state at ``step``."""
+def _save_checkpoint(out: Path, model: MultiGroupVQ, opt: torch.optim.Optimizer, step: int, train_cfg: VQTrainConfig,
+                     gen: torch.Generator):
+    """Atomically replace ``out/checkpoint`` with the state at ``step``, random states included (the
+    batch sampler's and torch's, which dead-code replacement draws from): a resumed run takes the
+    steps an uninterrupted one would."""
     with atomic_dir(out / "checkpoint", overwrite=True) as tmp:
         model.save(tmp)
         flat = {}
@@ -102,10 +105,11 @@ def _save_checkpoint(out: Path, model: MultiGroupVQ, opt: torch.optim.Optimizer,
                 flat[f"{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
         save_file(flat, tmp / "optimizer.safetensors")
         (tmp / "state.json").write_text(json.dumps({"step": step, "train": train_cfg.__dict__,
-                                                    "torch_rng": torch.get_rng_state().tolist()}) + "\n")
+                                                    "torch_rng": torch.get_rng_state().tolist(),
+                                                    "batch_rng": gen.get_state().tolist()}) + "\n")
 
 
-def _load_checkpoint(ckpt: Path, model: MultiGroupVQ, opt: torch.optim.Optimizer) -> int:
+def _load_checkpoint(ckpt: Path, model: MultiGroupVQ, opt: torch.optim.Optimizer, gen: torch.Generator) -> int:
     state = json.loads((ckpt / "state.json").read_text())
     model.load_state_dict(load_file(ckpt / "model.safetensors"))
     flat = load_file(ckpt / "optimizer.safetensors")
@@ -115,7 +119,20 @@ def _load_checkpoint(ckpt: Path, model: MultiGroupVQ, opt: torch.optim.Optimizer
         sd["state"].setdefault(int(i), {})[k] = v
     opt.load_state_dict(sd)
     torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+    if "batch_rng" in state:
+        gen.set_state(torch.tensor(state["batch_rng"], dtype=torch.uint8))
+    else:  # a checkpoint from before the sampler's state was kept
+        gen.manual_seed(int(state["train"]["seed"]) + int(state["step"]))
     return int(state["step"])
+
+
+def _keep_metrics_until(path: Path, step: int) -> None:
+    """Drop metric lines past ``step`` (written by a run killed before its checkpoint at that step)."""
+    if path.exists():
+        lines = [x for x in path.read_text().splitlines(keepends=True) if x.endswith("\n")]
+        kept = [x for x in lines if json.loads(x)["step"] <= step]
+        if len(kept) != len(lines) or sum(map(len, lines)) != path.stat().st_size:
+            atomic_write_bytes(path, "".join(kept).encode())
 
 
 def train_tokenizer(images_dir: str | Path, out: str | Path, config: VQConfig, train_cfg: VQTrainConfig,
@@ -136,15 +153,16 @@ def train_tokenizer(images_dir: str | Path, out: str | Path, config: VQConfig, t
     model = MultiGroupVQ(config).train()
     opt = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=0.0)
     step = 0
+    gen = torch.Generator().manual_seed(train_cfg.seed)
     if (out / "checkpoint" / "state.json").exists():
         saved = VQConfig.from_dict(json.loads((out / "checkpoint" / "config.json").read_text()))
         if saved != config:
             raise HTCError(f"{out} holds a tokenizer run with another config; use another --out or delete it")
-        step = _load_checkpoint(out / "checkpoint", model, opt)
+        step = _load_checkpoint(out / "checkpoint", model, opt, gen)
         log(f"resuming from step {step}")
     out.mkdir(parents=True, exist_ok=True)
+    _keep_metrics_until(out / "metrics.jsonl", step)
     metrics: dict = {}
-    gen = torch.Generator().manual_seed(train_cfg.seed + step)
     while step < train_cfg.steps:
         for group in opt.param_groups:
             group["lr"] = _lr(step, train_cfg)
@@ -162,7 +180,7 @@ def train_tokenizer(images_dir: str | Path, out: str | Path, config: VQConfig, t
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             save_grid(held_x, recon, out / f"recon_{step:06d}.png")
-            _save_checkpoint(out, model, opt, step, train_cfg)
+            _save_checkpoint(out, model, opt, step, train_cfg, gen)
             log(f"step {step}: held-out PSNR {metrics['psnr']:.2f} dB, min codebook usage "
                 f"{metrics['min_usage']:.2f}, perplexity {min(metrics['perplexity_per_group']):.0f}-"
                 f"{max(metrics['perplexity_per_group']):.0f}")

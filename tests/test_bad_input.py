@@ -157,6 +157,22 @@ def test_eval_never_mixes_another_runs_predictions(model_dir, make_model_dir, sc
     assert _eval(model_dir, test, scenes_dir / "images", out) == 0  # the same run: resumed, nothing to answer
 
 
+def test_eval_predictions_are_keyed_to_the_discrete_features_read(make_model_dir, tiny_run, tmp_path, capsys):
+    from htc_vlm.vq.store import FeatureStore, write_store
+
+    model = make_model_dir("htc")
+    test = tiny_run / "scenes" / "test" / "open.jsonl"
+    rows = [json.loads(x) for x in test.read_text().splitlines()[:4]]
+    few = _questions(tmp_path / "few.jsonl", rows)
+    store = FeatureStore(tiny_run / "features.safetensors")
+    other = write_store({i: store[i] + (i == rows[0]["image"]) for i in store.ids()}, tmp_path / "other.safetensors")[0]
+    images, out = tiny_run / "scenes" / "images", tmp_path / "out"
+    assert _eval(model, few, images, out, "--features", str(tiny_run / "features.safetensors")) == 0
+    assert _eval(model, few, images, out, "--features", str(other)) == 2  # one image's q differs
+    assert "differs in: features" in capsys.readouterr().err
+    assert _eval(model, few, images, out, "--features", str(tiny_run / "features.safetensors")) == 0
+
+
 def test_eval_refuses_a_predictions_file_that_is_not_one(model_dir, scenes_dir, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()

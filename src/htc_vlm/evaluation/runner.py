@@ -121,7 +121,8 @@ def _read_predictions(path: Path, benchmark: str, key: dict | None = None) -> di
 
 def run_key(model, benchmark: str, questions_file: str | Path, **settings) -> dict:
     """What makes a run's predictions: the model's fingerprint (weights and, for training-free
-    methods, their settings), the question file's bytes and the answering settings."""
+    methods, their settings), the question file's bytes and the answering settings (the discrete
+    features read included)."""
     data = Path(questions_file).read_bytes()
     key = {"benchmark": benchmark, "model": model.fingerprint(), "questions": hashlib.sha256(data).hexdigest(),
            **settings}
@@ -201,7 +202,8 @@ def run_eval(model, tokenizer, benchmark: str, questions_file: str | Path, image
     out.mkdir(parents=True, exist_ok=True)
     pred_path = out / "predictions.jsonl"
     key = run_key(model, bench.name, questions_file, method=method, template=template, max_new_tokens=max_new_tokens,
-                  likelihood=likelihood, image_norm=source.image_norm, resize=resize)
+                  likelihood=likelihood, image_norm=source.image_norm, resize=resize,
+                  features=features.digest(r["image"] for r in rows) if features is not None else None)
     done = _read_predictions(pred_path, bench.name, key)
     if not done:
         atomic_write_bytes(out / KEY_FILE, (json.dumps(key, indent=1) + "\n").encode())

@@ -106,6 +106,15 @@ class FeatureStore:
             raise HTCError(f"image id {image_id!r} is not in the feature store {self.path}")
         return self._files[self._where[image_id]].get_tensor(image_id).reshape(-1).float()
 
+    def digest(self, image_ids) -> str:
+        """SHA-256 of the q of ``image_ids`` (what a run read from this store), ids missing included."""
+        h = hashlib.sha256()
+        for i in sorted(set(image_ids)):
+            h.update(i.encode() + b"\0")
+            if i in self._where:
+                h.update(self[i].numpy().tobytes())
+        return h.hexdigest()
+
     def batch(self, image_ids: list[str]) -> torch.Tensor:
         return torch.stack([self[i] for i in image_ids])  # (B, Q)
 

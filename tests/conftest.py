@@ -57,3 +57,20 @@ def make_model_dir(tmp_path_factory, scenes_dir):
         return out
 
     return make
+
+
+@pytest.fixture(scope="session")
+def instructed(tiny_run):
+    """vision -> align -> instruct on ``tiny_run``, two steps each, through the CLI."""
+    from htc_vlm.cli import main
+
+    from helpers import train_args
+
+    run = tiny_run
+    assert main(["train", "--config", "tiny", *train_args(run, "vision", "vision", "optim.max_steps=2")]) == 0
+    assert main(["train", "--config", "tiny", *train_args(run, "align", "align", "optim.max_steps=2",
+                                                      f"model.vision_tower={run / 'vision' / 'model'}",
+                                                      f"data.conversations={run / 'scenes/train/captions.json'}")]) == 0
+    assert main(["train", "--config", "tiny", *train_args(run, "instruct", "instruct", "optim.max_steps=2",
+                                                      f"model.init={run / 'align' / 'model'}")]) == 0
+    return run

@@ -165,7 +165,12 @@ def test_runner_writes_predictions_and_metrics_and_resumes(tiny_model_dir, scene
     n = len((scenes_dir / "test" / "open.jsonl").read_text().splitlines())
     assert len(preds) == n
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["scores"]) == {"scenes_open"} and 0 <= metrics["scores"]["scenes_open"] <= 100
+    assert set(metrics["scores"]) == {"scenes_open"}
+    # the score is the VQA accuracy of the written predictions, recomputed here from the two files
+    answers = {q["question_id"]: q["answer"] for q in map(json.loads, (scenes_dir / "test" / "open.jsonl").read_text().splitlines())}
+    by_id = {p["question_id"]: p["prediction"] for p in map(json.loads, preds)}
+    expected = 100 * sum(vqa.accuracy(by_id[i], [a]) for i, a in answers.items()) / len(answers)
+    assert metrics["scores"]["scenes_open"] == pytest.approx(expected)
     # a crash after some batches: the answered ids are kept, only the rest is answered again
     (out / "predictions.jsonl").write_text("\n".join(preds[:5]) + "\n" + preds[5][:10])
     assert _eval(tiny_model_dir, scenes_dir, out) == 0

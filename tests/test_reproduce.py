@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from htc_vlm.cli import main
 
 
@@ -33,10 +35,8 @@ def test_a_failing_stage_is_reported_and_resumed(tmp_path, capsys, monkeypatch):
 
     first = rp.stages(rp.get_preset("tiny", True))[0]
     monkeypatch.setattr(rp, "stages", lambda p: [first, rp.Stage("boom", boom, "fails once")])
-    try:
+    with pytest.raises(RuntimeError, match="disk on fire"):  # an inline stage's error reaches the caller
         main(["reproduce", "--quick", "--out", str(out)])
-    except RuntimeError:
-        pass
     assert "failed: RuntimeError: disk on fire" in (out / "report.md").read_text()
     assert main(["reproduce", "--quick", "--out", str(out)]) == 0
     assert json.loads((out / "run.json").read_text())["stages"]["boom"]["status"] == "done" and len(calls) == 2

@@ -19,19 +19,6 @@ from htc_vlm.training.run import MARKER, last_checkpoint, train
 from helpers import train_args
 
 
-@pytest.fixture(scope="module")
-def instructed(tiny_run):
-    """vision -> align -> instruct, two steps each, through the CLI."""
-    run = tiny_run
-    assert main(["train", "--config", "tiny", *train_args(run, "vision", "vision", "optim.max_steps=2")]) == 0
-    assert main(["train", "--config", "tiny", *train_args(run, "align", "align", "optim.max_steps=2",
-                                                      f"model.vision_tower={run / 'vision' / 'model'}",
-                                                      f"data.conversations={run / 'scenes/train/captions.json'}")]) == 0
-    assert main(["train", "--config", "tiny", *train_args(run, "instruct", "instruct", "optim.max_steps=2",
-                                                      f"model.init={run / 'align' / 'model'}")]) == 0
-    return run
-
-
 def test_every_shipped_yaml_builds_its_config(tmp_path):
     from htc_vlm.data.tokenizer import build_tokenizer
 

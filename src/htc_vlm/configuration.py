@@ -16,8 +16,6 @@ from transformers.configuration_utils import SubConfigSpec
 from .data.images import IMAGE_NORMS
 from .errors import HTCError
 
-COMPRESSIONS = ("none", "voco", "htc", "discrete", "avgpool", "qformer")
-VOCO_COMPRESSIONS = ("voco", "htc", "discrete")  # text reaches the image only through voco
 VISION_ATTENTIONS = ("causal", "isolated")
 FUSIONS = ("pre", "post", "mean")
 PROJECTORS = ("linear", "mlp2x_gelu")
@@ -45,7 +43,8 @@ class HTCConfig(PreTrainedConfig):
         num_anchors: N_d, the anchor tokens made from q by P_d (Eq. 4).
         anchor_hidden_size: width of P_d's hidden layer (default ``num_anchors * hidden``, as the
             paper's W1: 16384 x 14112 for N_d = 4 at 4096).
-        compression: ``"none"`` (upper bound, text sees every image token), ``"voco"`` (continuous
+        compression: the name of a registered method's :class:`~htc_vlm.methods.compression.Compression`
+            (``compression_spec``): ``"none"`` (upper bound, text sees every image token), ``"voco"`` (continuous
             only, VoCo-LLaMA), ``"htc"`` (anchors + patches) or ``"discrete"`` (every VQ position,
             projected, then voco); or a pooling baseline with no voco, the text attending
             straight to ``pool_tokens`` tokens made from the patches: ``"avgpool"`` (their
@@ -91,7 +90,6 @@ class HTCConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         for name, value, allowed in (
-            ("compression", self.compression, COMPRESSIONS),
             ("vision_attention", self.vision_attention, VISION_ATTENTIONS),
             ("fusion", self.fusion, FUSIONS),
             ("projector_type", self.projector_type, PROJECTORS),
@@ -104,12 +102,17 @@ class HTCConfig(PreTrainedConfig):
             raise HTCError("vision_feature_select_strategy='default' drops a CLS token, but vision_has_cls=False; use 'full'")
         if self.num_voco < 1:
             raise HTCError(f"num_voco must be at least 1, got {self.num_voco}")
-        if self.compression in ("htc", "discrete") and self.discrete_dim == 0:
-            raise HTCError(f"compression={self.compression!r} needs a discrete channel (discrete_channels > 0)")
-        if self.pool_tokens < 1 or (self.compression in ("avgpool", "qformer") and self.pool_tokens > self.num_patches):
-            raise HTCError(f"pool_tokens must be between 1 and the {self.num_patches} patches, got {self.pool_tokens}")
-        if self.compression == "htc" and self.num_anchors < 1:
-            raise HTCError(f"compression='htc' needs num_anchors >= 1, got {self.num_anchors}")
+        if self.pool_tokens < 1:
+            raise HTCError(f"pool_tokens must be at least 1, got {self.pool_tokens}")
+        self.compression_spec.validate(self)  # an unknown name is refused here, listing the known ones
+
+    @property
+    def compression_spec(self):
+        """The :class:`~htc_vlm.methods.compression.Compression` named by ``compression``: every
+        behaviour that depends on the method is asked of it."""
+        from .methods.compression import get_compression
+
+        return get_compression(self.compression)
 
     # ------------------------------------------------------------------ derived sizes
 
@@ -125,25 +128,16 @@ class HTCConfig(PreTrainedConfig):
         return self.discrete_channels * self.discrete_grid * self.discrete_grid
 
     @property
-    def has_anchors(self) -> bool:
-        return self.discrete_dim > 0 and self.num_anchors > 0
-
-    @property
     def num_image_tokens(self) -> int:
         """Hybrid-block length: ``<image>`` placeholders per image under this config's compression."""
-        if self.compression == "discrete":
-            return self.discrete_grid * self.discrete_grid
-        if self.compression == "htc" and self.fusion != "mean":
-            return self.num_anchors + self.num_patches
-        if self.compression in ("avgpool", "qformer"):
-            return self.pool_tokens
-        return self.num_patches
+        return self.compression_spec.num_image_tokens(self)
 
     @property
     def compresses(self) -> bool:
         """Whether the disentanglement mask applies (text sees the image through voco only)."""
-        return self.compression in VOCO_COMPRESSIONS
+        return self.compression_spec.uses_voco
 
     @property
-    def pools(self) -> bool:
-        return self.compression in ("avgpool", "qformer")
+    def needs_latents(self) -> bool:
+        """Whether each image also arrives as its discrete latent q (a feature store or a VQ tokenizer)."""
+        return self.compression_spec.needs_latents

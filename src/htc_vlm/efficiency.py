@@ -110,7 +110,7 @@ def run_bench(model: HTCForConditionalGeneration, question_tokens: int = 20, ans
     g = torch.Generator().manual_seed(seed)
     vc = config.vision_config
     pix = torch.randn(1, vc.num_channels, vc.image_size, vc.image_size, generator=g)
-    q = torch.randn(1, config.discrete_dim, generator=g) if config.compression in ("htc", "discrete") else None
+    q = torch.randn(1, config.discrete_dim, generator=g) if config.needs_latents else None
     special = {config.image_token_id, config.voco_token_id}
     vocab = [i for i in range(min(config.text_config.vocab_size, 1000)) if i not in special]
     question = torch.tensor([vocab[i % len(vocab)] for i in torch.randint(0, 10**6, (question_tokens,), generator=g)])[None]

@@ -40,7 +40,7 @@ class ImageEncoder:
         if self.image_norm != trained:
             raise HTCError(f"image normalisation {self.image_norm!r} given, but the model was trained with "
                            f"{trained!r} (saved in its config.json): leave the option out")
-        if self.model.config.compression in ("htc", "discrete") and self.features is None and self.tokenizer_vq is None:
+        if self.model.config.needs_latents and self.features is None and self.tokenizer_vq is None:
             raise HTCError(f"compression={self.model.config.compression!r} needs q: pass --features (a feature "
                            f"store) or --vq (a tokenizer folder)")
 
@@ -60,7 +60,7 @@ class ImageEncoder:
         imgs = imgs if imgs is not None else [self.load(p) for p in paths]
         pix = torch.stack([to_tensor(i, mean, std) for i in imgs])
         q = None
-        if self.model.config.compression in ("htc", "discrete"):
+        if self.model.config.needs_latents:
             if self.features is not None:
                 q = self.features.batch(keys if keys is not None else [Path(p).name for p in paths])
             else:

@@ -29,13 +29,13 @@ from transformers import AutoConfig, AutoModel, DynamicCache, GenerationMixin, P
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .anchors import AnchorProjector, DiscreteTokenProjector
+from .anchors import AnchorProjector
 from .cache import VisualCache
 from .configuration import HTCConfig
 from .errors import HTCError
 from .layout import IMAGE, PAD, VOCO, check_context, image_prompt_ids, positions, token_kinds
 from .masking import attention_mask_4d
-from .pooling import QFormerPooler, build_pooler
+from .pooling import QFormerPooler
 from .vision import Projector, patch_features
 
 AutoConfig.register(HTCConfig.model_type, HTCConfig, exist_ok=True)
@@ -85,10 +85,12 @@ class HTCModel(HTCPreTrainedModel):
         self.vision_tower = AutoModel.from_config(config.vision_config)
         self.multi_modal_projector = Projector(config.vision_config.hidden_size, d, config.projector_type,
                                                config.projector_bias, config.projector_norm)
-        # Built only where the compression uses them: an unused parameter would break DDP.
-        self.anchor_projector = AnchorProjector(config) if config.compression == "htc" else None
-        self.discrete_projector = DiscreteTokenProjector(config) if config.compression == "discrete" else None
-        self.visual_pooler = build_pooler(config)  # avgpool / qformer baselines only
+        # The compression's own modules (anchor projector, pooler, ...), built only where it uses them:
+        # an unused parameter would break DDP. Their attribute names are the checkpoint's prefixes.
+        own = config.compression_spec.modules(config)
+        for name, module in own.items():
+            self.add_module(name, module)
+        self.compression_modules = tuple(own)  # their names, for what a checkpoint without them lacks
         self.voco_embeddings = nn.Embedding(config.num_voco, d)
         self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()
@@ -106,7 +108,7 @@ class HTCModel(HTCPreTrainedModel):
         feats = patch_features(self.vision_tower, pixel_values, self.config)
         return self.multi_modal_projector(feats)
 
-    def _check_q(self, q: torch.Tensor | None, batch: int) -> torch.Tensor:
+    def check_latents(self, q: torch.Tensor | None, batch: int) -> torch.Tensor:
         c = self.config
         if q is None:
             raise HTCError(f"compression={c.compression!r} needs discrete_latents (q), one per image")
@@ -116,30 +118,20 @@ class HTCModel(HTCPreTrainedModel):
                            f"{c.discrete_grid} x {c.discrete_grid} flattened, got {tuple(q.shape)}")
         return q
 
+    @property
+    def has_anchors(self) -> bool:
+        return isinstance(getattr(self, "anchor_projector", None), AnchorProjector)
+
     def discrete_anchors(self, q: torch.Tensor) -> torch.Tensor:
         """Eq. 4, the discrete channel: q (B, Q) -> anchors (B, N_d, D)."""
-        if self.anchor_projector is None:
+        if not self.has_anchors:
             raise HTCError(f"this model (compression={self.config.compression!r}) has no anchor projector")
-        return self.anchor_projector(self._check_q(q, q.shape[0]).to(self.anchor_projector.linear_1.weight.dtype))
+        return self.anchor_projector(self.check_latents(q, q.shape[0]).to(self.anchor_projector.linear_1.weight.dtype))
 
-    def image_block(self, pixel_values: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor:
-        """Eq. 5: the tokens that fill the ``<image>`` placeholders, (B, config.num_image_tokens, D)."""
-        c = self.config
-        if c.compression == "discrete":  # pixel_values unused: the VQ tokens are the whole block
-            q = self._check_q(q, 0 if q is None else q.shape[0])
-            return self.discrete_projector(q.to(self.discrete_projector.linear_1.weight.dtype))
-        v = self.patch_embeddings(pixel_values)  # (B, N, D)
-        if self.visual_pooler is not None:
-            return self.visual_pooler(v)  # (B, pool_tokens, D)
-        if c.compression != "htc":
-            return v
-        q = self._check_q(q, v.shape[0])  # one q per image of the batch
-        a = self.anchor_projector(q.to(self.anchor_projector.linear_1.weight.dtype))  # (B, N_d, D)
-        if c.fusion == "pre":
-            return torch.cat([a, v], dim=1)
-        if c.fusion == "post":
-            return torch.cat([v, a], dim=1)
-        return v + a.mean(dim=1, keepdim=True)  # "mean": our reading of the paper's mean fusion
+    def image_block(self, pixel_values: torch.Tensor | None, q: torch.Tensor | None = None) -> torch.Tensor:
+        """Eq. 5: the tokens that fill the ``<image>`` placeholders, (B, config.num_image_tokens, D),
+        as the config's compression makes them (methods/compression.py)."""
+        return self.config.compression_spec.image_block(self, pixel_values, q)
 
     def embed(self, input_ids: torch.Tensor, kinds: torch.Tensor, pixel_values: torch.Tensor | None,
               q: torch.Tensor | None) -> torch.Tensor:
@@ -147,7 +139,7 @@ class HTCModel(HTCPreTrainedModel):
         placeholder = (kinds == IMAGE) | (kinds == VOCO) | (kinds == PAD)
         embeds = self.get_input_embeddings()(input_ids.masked_fill(placeholder, 0))
         n_blocks = int((kinds == IMAGE).any(dim=1).sum())
-        ref = q if self.config.compression == "discrete" else pixel_values  # what one image arrives as
+        ref = pixel_values if self.config.compression_spec.reads_pixels else q  # what one image arrives as
         n_images = 0 if ref is None else ref.shape[0]
         if n_blocks != n_images:
             raise HTCError(f"the prompts hold {n_blocks} image blocks but {n_images} images were given")
@@ -184,6 +176,19 @@ class HTCForConditionalGeneration(HTCPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.lm_head = value
+
+    def resize_voco(self, num_voco: int) -> None:
+        """Keep ``num_voco`` voco tokens: each new embedding starts as the mean of the old ones (RoPE
+        positions tell the copies apart), and the config says the new count. A no-op at the same count."""
+        if num_voco < 1:
+            raise HTCError(f"num_voco must be at least 1, got {num_voco}")
+        old = self.model.voco_embeddings.weight.data  # (old num_voco, D)
+        if num_voco == old.shape[0]:
+            return
+        new = nn.Embedding(num_voco, old.shape[1]).to(device=old.device, dtype=old.dtype)
+        new.weight.data[:] = old.mean(0)
+        self.model.voco_embeddings = new
+        self.config.num_voco = num_voco
 
     # ------------------------------------------------------------------ training forward (Eq. 9)
 
@@ -397,7 +402,7 @@ class HTCForConditionalGeneration(HTCPreTrainedModel, GenerationMixin):
                            **config_overrides)
         model = cls(config).to(llava.dtype)
         missing, unexpected = model.load_state_dict(llava.state_dict(), strict=False)
-        new = ("model.anchor_projector.", "model.discrete_projector.", "model.voco_embeddings.")
+        new = tuple(f"model.{name}." for name in (*model.model.compression_modules, "voco_embeddings"))
         left = [k for k in missing if not k.startswith(new)]
         if unexpected or left:
             raise HTCError(f"LLaVA weights do not map onto HTC: unexpected {unexpected[:5]}, missing {left[:5]}")

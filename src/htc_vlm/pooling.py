@@ -48,10 +48,3 @@ class QFormerPooler(nn.Module):
         kv = self.norm_kv(v)
         x = q + self.cross_attention(self.norm_q(q), kv, kv, need_weights=False)[0]
         return x + self.mlp(self.norm_mlp(x))
-
-
-POOLERS = {"avgpool": AvgPool, "qformer": QFormerPooler}
-
-
-def build_pooler(config: HTCConfig) -> nn.Module | None:
-    return POOLERS[config.compression](config) if config.compression in POOLERS else None

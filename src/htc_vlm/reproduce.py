@@ -251,7 +251,7 @@ def _load(root: Path, model_dir: Path, method: str = "model", budget: int | None
     from .vq.store import FeatureStore
 
     model = load_for_method(model_dir, method, budget)
-    needs_q = model.config.compression in ("htc", "discrete")
+    needs_q = model.config.needs_latents
     return model, FeatureStore(root / "features.safetensors", expected_dim=model.config.discrete_dim) if needs_q else None
 
 
@@ -362,7 +362,7 @@ def _stage_attention(root: Path, preset: RunPreset) -> dict:
         model, encoder = _analysis_input(root, key)
         att = voco_attention(model, encoder, images)
         c = model.config
-        n_a = c.num_anchors if c.compression == "htc" else 0
+        n_a = c.compression_spec.num_anchors(c)
         labels = [f"a{i + 1}" for i in range(n_a)] + [f"p{i + 1}" for i in range(c.num_patches)]
         keep = n_a + min(c.num_patches, 12 if n_a else 16)  # anchors + first 12 patches / first 16 patches
         maps[title] = (att[:, :keep], labels[:keep])

@@ -42,7 +42,7 @@ def representations(model, encoder: ImageEncoder, images: list[str], batch: int 
     """``{name: (M, D)}`` for the images (ids below the encoder's root)."""
     c = model.config
     out: dict[str, list[torch.Tensor]] = {"z_voco": [], "patches_mean": []}
-    if c.compression == "htc":
+    if model.model.has_anchors:
         out["anchors_mean"] = []
     voco_pos = len(image_prompt_ids(c)) - c.num_voco  # first voco position
     for s in range(0, len(images), batch):

@@ -136,7 +136,7 @@ class LlavaDataset(Dataset):
         self.config, self.features, self.max_length = config, features, max_length
         self.norm = norm_stats(image_norm)
         self.resize, self.packed = resize, pack_by_image
-        needs_q = config.compression in ("htc", "discrete")
+        needs_q = config.needs_latents
         if needs_q and features is None:
             raise HTCError(f"compression={config.compression!r} needs a discrete feature store (data.features)")
         found: set[str] = set()
@@ -185,7 +185,7 @@ class LlavaDataset(Dataset):
     def _image(self, rec: dict) -> dict:
         size = self.config.vision_config.image_size
         out = {"pixel_values": to_tensor(load_rgb(image_under(self.images, rec["image"]), size, resize=self.resize), *self.norm)}
-        if self.features is not None and self.config.compression in ("htc", "discrete"):
+        if self.features is not None and self.config.needs_latents:
             out["discrete_latents"] = self.features[rec["image"]]
         return out
 

@@ -35,7 +35,7 @@ class QuestionAwareVLM:
     score_layers: tuple[int, ...] = ()  # layers whose attention weights select() reads
 
     def __init__(self, model: HTCForConditionalGeneration, budget: int | None):
-        if model.config.compression != "none":
+        if not model.config.compression_spec.uncompressed:
             raise HTCError("training-free methods apply to the uncompressed upper-bound model")
         model.set_attn_implementation("eager")  # eager attention returns the weights select() reads
         self.model, self.config = model.eval(), model.config

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import HTCError
+from .compression import Compression, register_compression
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ def trained_loader(compression: str, budget_key: str) -> Callable:
     def load(path: Path, budget: int | None, options: dict):
         model = load_checkpoint(path)
         c = model.config
-        if c.compression != compression:
+        if c.compression != compression:  # the checkpoint's method against the one asked for
             raise HTCError(f"{path} was trained as compression={c.compression!r}, not {compression!r}; "
                            f"train it with `htc-vlm train --method {compression} ...`")
         if budget is not None and getattr(c, budget_key) != budget:
@@ -89,9 +90,13 @@ def trained_loader(compression: str, budget_key: str) -> Callable:
     return load
 
 
-def trained_method(name: str, budget_key: str, tables: tuple[str, ...], paper: str, summary: str) -> Method:
-    """Register a method trained by the compress stage as ``model.compression=<name>``, its token
-    count set by ``model.<budget_key>`` (``num_voco`` or ``pool_tokens``)."""
+def trained_method(compression: Compression, tables: tuple[str, ...], paper: str, summary: str) -> Method:
+    """Register a method trained by the compress stage as ``model.compression=<name>``: its
+    :class:`~htc_vlm.methods.compression.Compression` (what the model asks of it) and its
+    :class:`Method` (how it is trained, loaded and listed), its token count set by
+    ``model.<compression.budget_key>`` (``num_voco`` or ``pool_tokens``)."""
+    name, budget_key = compression.name, compression.budget_key
+    register_compression(compression)
     return register(Method(
         name=name, kind="trained", tables=tables, paper=paper, summary=summary,
         load=trained_loader(name, budget_key),
@@ -102,7 +107,7 @@ def trained_method(name: str, budget_key: str, tables: tuple[str, ...], paper: s
 def upper_bound(path: Path):
     """The uncompressed model at ``path`` (what the training-free methods and the lower bound start from)."""
     model = load_checkpoint(path)
-    if model.config.compression != "none":
+    if not model.config.compression_spec.uncompressed:
         raise HTCError(f"{path} is compression={model.config.compression!r}; this method needs the uncompressed "
                        f"upper-bound model (the instruct stage's output)")
     return model

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from ..configuration import COMPRESSIONS, FUSIONS, VISION_ATTENTIONS
+from ..configuration import FUSIONS, VISION_ATTENTIONS
 from ..data.images import IMAGE_NORMS
 from ..data.llava import TEMPLATES
 from ..errors import HTCError
@@ -132,7 +132,9 @@ class TrainConfig:
             if part not in PARTS:
                 raise HTCError(f"unknown trainable part {part!r}; parts: {', '.join(PARTS)}")
         m, d = self.model, self.data
-        for name, value, known in (("model.compression", m.compression, COMPRESSIONS),
+        from ..methods.compression import known_compressions
+
+        for name, value, known in (("model.compression", m.compression, known_compressions()),
                                    ("model.vision_attention", m.vision_attention, VISION_ATTENTIONS),
                                    ("model.fusion", m.fusion, FUSIONS),
                                    ("model.attn_implementation", m.attn_implementation, ("sdpa", "eager")),

@@ -114,11 +114,8 @@ def _load_htc(cfg: TrainConfig, tokenizer) -> HTCForConditionalGeneration:
         overrides = m.overrides()
         num_voco = overrides.pop("num_voco", None)
         model = HTCForConditionalGeneration.from_pretrained(m.init, **overrides, **attn)
-        if num_voco is not None and num_voco != model.config.num_voco:  # e.g. Table 2 budgets from the upper bound
-            old = model.model.voco_embeddings.weight.data  # (old num_voco, D)
-            model.model.voco_embeddings = torch.nn.Embedding(num_voco, old.shape[1]).to(old.dtype)
-            model.model.voco_embeddings.weight.data[:] = old.mean(0)  # RoPE tells the copies apart
-            model.config.num_voco = num_voco
+        if num_voco is not None:  # e.g. Table 2 budgets from the upper bound's one voco embedding
+            model.resize_voco(num_voco)
         return model
     if m.llava:
         voco = tokenizer.convert_tokens_to_ids("<voco>")
@@ -143,9 +140,10 @@ def _load_htc(cfg: TrainConfig, tokenizer) -> HTCForConditionalGeneration:
 def freeze_for_stage(model: HTCForConditionalGeneration, cfg: TrainConfig) -> list[str]:
     """Train the stage's parts only; parts the compression does not use stay frozen (DDP needs it)."""
     prefixes = cfg.trainable_prefixes()
-    unused = ("model.voco_embeddings.",) if not model.config.compresses else ()
-    if model.config.compression == "discrete":  # no patch token reaches the LM
-        unused += ("model.multi_modal_projector.", "model.vision_tower.")
+    c = model.config
+    unused = tuple(f"model.{name}." for name in c.compression_spec.unused_modules(c))
+    if cfg.stage == "compress" and cfg.trainable is None:  # the method's own modules learn here by default
+        prefixes += tuple(f"model.{name}." for name in model.model.compression_modules)
     trained = []
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith(prefixes) and not name.startswith(unused))
@@ -202,13 +200,16 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> Path:
     torch.manual_seed(cfg.optim.seed)
     model = _load_htc(cfg, tokenizer)
     model.config.image_norm = cfg.data.image_norm  # saved with every checkpoint: how to feed the tower
-    if cfg.stage == "compress" and model.config.compression == "none":
-        raise HTCError("the compress stage needs model.compression = voco, htc, discrete, avgpool or qformer")
-    if cfg.stage in ("align", "instruct") and model.config.compression != "none":
+    if cfg.stage == "compress" and model.config.compression_spec.uncompressed:
+        from ..methods.compression import COMPRESSIONS
+
+        known = ", ".join(n for n, c in COMPRESSIONS.items() if not c.uncompressed)
+        raise HTCError(f"the compress stage needs a compressing model.compression: {known}")
+    if cfg.stage in ("align", "instruct") and not model.config.compression_spec.uncompressed:
         raise HTCError(f"the {cfg.stage} stage trains the uncompressed model; set model.compression=none")
     freeze_for_stage(model, cfg)
     features = None
-    if model.config.compression in ("htc", "discrete"):
+    if model.config.needs_latents:
         from ..vq.store import FeatureStore
 
         if not cfg.data.features:

@@ -100,7 +100,7 @@ def test_train_tokenizer_cli_checkpoints_and_resumes(tmp_path, scenes_dir, monke
     assert main(args + ["--steps", "2"]) == 0
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2
     assert main(args + ["--steps", "4"]) == 0  # resumes at 2
-    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(row) for row in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [2, 4]
     m = lines[-1]
     assert 0 < m["psnr"] < 100 and len(m["usage_per_group"]) == 8 and all(0 < u <= 1 for u in m["usage_per_group"])

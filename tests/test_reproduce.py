@@ -234,3 +234,54 @@ def test_a_compression_stage_asks_for_a_converged_run(tmp_path, monkeypatch):
                  f"optim.max_steps={p.compress_max_steps}", "optim.seed=1"):
         assert want in seen["extra"]
     assert summary["val_curve"]["val_loss"] == [0.5]
+
+
+def test_base_per_seed_gives_each_table1_seed_its_own_base_and_bounds(tmp_path, monkeypatch):
+    """--base-per-seed: seed s > 0 trains align + instruct with seed s into bases/s<s>, compresses from
+    that base, and its bounds are evaluated and pooled into the intervals; without it one base serves all."""
+    import htc_vlm.reproduce as rp
+
+    one, per = rp.get_preset("tiny", False), rp.get_preset("tiny", False, base_per_seed=True)
+    by_name = lambda p: {s.name: s for s in rp.stages(p)}  # noqa: E731
+    assert not any(n.startswith("bases/") or n.startswith("eval/upper-") for n in by_name(one))
+    assert by_name(one)["train/voco-b1-s1"].needs == ("instruct", "features")
+    stages = by_name(per)
+    for s in (1, 2):
+        assert stages[f"bases/s{s}/align"].needs == ("vision",)
+        assert stages[f"bases/s{s}/instruct"].needs == (f"bases/s{s}/align",)
+        assert stages[f"eval/upper-s{s}"].needs == stages[f"eval/lower-s{s}"].needs == (f"bases/s{s}/instruct",)
+        assert stages[f"train/htc-b1-s{s}"].needs == (f"bases/s{s}/instruct", "features")
+        assert {f"eval/upper-s{s}", f"eval/lower-s{s}"} <= set(stages["table1/intervals"].needs)
+    assert stages["train/htc-b1"].needs == ("instruct", "features")  # seed 0 keeps the main base
+    assert rp.bound_keys(per, "upper") == ["upper", "upper-s1", "upper-s2"] and rp.bound_keys(one, "lower") == ["lower"]
+
+    seen = []
+
+    def fake_train(root, preset, stage, out, *extra, method=None, budget=1):
+        seen.append((stage, out, extra))
+        model = tmp_path / out / "model"
+        model.mkdir(parents=True, exist_ok=True)
+        (model / "val_curve.json").write_text('{"steps": [100], "val_loss": [0.5]}')
+        return {"outputs": str(model), "command": "c"}
+
+    monkeypatch.setattr(rp, "_train", fake_train)
+    stages["bases/s2/align"].run(tmp_path, per)
+    stages["bases/s2/instruct"].run(tmp_path, per)
+    stages["train/voco-b1-s2"].run(tmp_path, per)
+    stages["align"].run(tmp_path, per)
+    (align, a_out, a_extra), (instruct, i_out, i_extra), (_, c_out, c_extra), (_, main_out, main_extra) = seen
+    assert (align, a_out, instruct, i_out) == ("align", "bases/s2/align", "instruct", "bases/s2/instruct")
+    assert "optim.seed=2" in a_extra and "optim.seed=2" in i_extra and "optim.seed=0" in main_extra
+    assert f"model.init={tmp_path / 'bases/s2/align/model'}" in i_extra
+    assert c_out == "runs/voco-b1-s2" and f"model.init={tmp_path / 'bases/s2/instruct/model'}" in c_extra
+    assert main_out == "align"
+
+    # a run folder written before this setting existed resumes (the setting takes its default)
+    out = tmp_path / "old"
+    monkeypatch.setattr(rp, "stages", lambda p: [rp.Stage("s", lambda r, p: {"outputs": "", "command": ""}, "s")])
+    assert main(["reproduce", "--quick", "--out", str(out)]) == 0
+    record = json.loads((out / "run.json").read_text())
+    del record["preset"]["base_per_seed"]
+    (out / "run.json").write_text(json.dumps(record))
+    assert main(["reproduce", "--quick", "--out", str(out)]) == 0
+    assert main(["reproduce", "--quick", "--base-per-seed", "--out", str(out)]) == 2  # another setting: refused

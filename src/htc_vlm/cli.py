@@ -403,12 +403,15 @@ def reproduce(
     seeds: Annotated[int | None, typer.Option(min=1, help="Train Table 1 with seeds 0..N-1 (default 3); may grow on a finished run.")] = None,
     jobs: Annotated[int | None, typer.Option(help="Compression runs and evaluations trained side by side, each on "
                                                    "cores/N threads (default: one per core, at most 8).")] = None,
+    base_per_seed: Annotated[bool | None, typer.Option(
+        "--base-per-seed/--one-base", help="Table 1's seed s > 0 also trains its own base model (align + instruct "
+        "with seed s) and compresses from it, so the intervals cover the base's variation (default: one base).")] = None,
 ) -> None:
     """Run the paper's pipeline on the embedded default, stage by stage, resuming where it stopped."""
     from .reproduce import default_jobs, run
 
     run(out, preset=preset, quick=quick, only=only, console=console, seeds=seeds,
-        jobs=default_jobs() if jobs is None else jobs)
+        jobs=default_jobs() if jobs is None else jobs, base_per_seed=base_per_seed)
 
 
 def main(argv: list[str] | None = None) -> int:

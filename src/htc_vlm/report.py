@@ -57,8 +57,11 @@ def _ci(c: dict | None) -> str:
 
 def _intervals_section(iv: dict, fams: list[str]) -> list[str]:
     labels = {"upper": "upper bound", "lower": "lower bound"} | {k.split("-")[0]: v for k, v in TABLE1[2:]}
+    bases = ("each seed with its own base model: the bounds are one model per seed, and every one-token run "
+             "compressed its seed's base" if iv.get("base_per_seed") else
+             "one base model: the bounds are one model each, and every one-token run compressed it")
     lines = ["### Table 1 with 95% intervals", "",
-             f"Mean over training seeds {', '.join(map(str, iv['seeds']))} (the bounds: one model each), 95% "
+             f"Mean over training seeds {', '.join(map(str, iv['seeds']))} ({bases}), 95% "
              f"percentile interval of a bootstrap over test images and seeds ({iv['replicates']} replicates; "
              "`intervals.json`).", "",
              "| method | " + " | ".join(fams) + " |", "|---|" + "---|" * len(fams)]

@@ -27,7 +27,7 @@ import sys
 import time
 import traceback
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -61,6 +61,10 @@ class RunPreset:
     compress_min_steps: int = 1500
     compress_val_items: int = 96  # packed validation images per evaluation (fewer: too noisy for a 1% test)
     seeds: tuple[int, ...] = (0, 1, 2)  # Table 1 (every one-token method); --seeds N extends them
+    # Table 1's seed s > 0 also trains its own base (align + instruct with seed s, same scenes, tower and
+    # tokenizer), compresses from it, and the bounds are evaluated on each seed's base: the intervals
+    # then cover the base model's variation too, as another machine's rounding would vary it (--base-per-seed).
+    base_per_seed: bool = False
     budgets: tuple[int, ...] = (12, 8, 4)  # Table 2: BUDGET_FRACTIONS of the 36 patches
     trained_budgets: tuple[int, ...] = (4,)  # voco / htc also trained at these Table-2 budgets (one seed)
     anchors: tuple[int, ...] = (1, 4, 8)  # N_d ablation (4 is the default HTC run)
@@ -82,7 +86,7 @@ PRESETS = {
 EXTENSIBLE = ("seeds",)
 
 
-def get_preset(name: str, quick: bool, seeds: int | None = None) -> RunPreset:
+def get_preset(name: str, quick: bool, seeds: int | None = None, base_per_seed: bool | None = None) -> RunPreset:
     key = f"{name}-quick" if quick else name
     if key not in PRESETS:
         raise HTCError(f"unknown preset {name!r}{' with --quick' if quick else ''}; known: "
@@ -92,7 +96,25 @@ def get_preset(name: str, quick: bool, seeds: int | None = None) -> RunPreset:
         if seeds < 1:
             raise HTCError(f"--seeds must be at least 1, got {seeds}")
         p = replace(p, seeds=tuple(range(seeds)))
+    if base_per_seed is not None:
+        p = replace(p, base_per_seed=base_per_seed)
     return p
+
+
+def base_dir(root: Path, preset: RunPreset, seed: int) -> Path:
+    """The folder holding the align / instruct stages that seed ``seed``'s Table 1 runs start from."""
+    return root if seed == preset.seed or not preset.base_per_seed else root / "bases" / f"s{seed}"
+
+
+def base_stage(preset: RunPreset, seed: int, stage: str) -> str:
+    """The name of that base's ``align`` or ``instruct`` stage."""
+    return stage if seed == preset.seed or not preset.base_per_seed else f"bases/s{seed}/{stage}"
+
+
+def bound_keys(preset: RunPreset, bound: str) -> list[str]:
+    """The evaluation keys of the ``upper`` or ``lower`` bound: one per base."""
+    seeds = preset.seeds if preset.base_per_seed else (preset.seed,)
+    return [bound + ("" if s == preset.seed else f"-s{s}") for s in seeds]
 
 
 @dataclass
@@ -213,16 +235,25 @@ def _stage_features(root: Path, preset: RunPreset) -> dict:
                        f"--out {root / 'features.safetensors'}"}
 
 
-def _stage_align(root: Path, preset: RunPreset) -> dict:
-    return _train(root, preset, "align", "align", f"optim.num_train_epochs={preset.align_epochs}",
-                  f"optim.seed={preset.seed}", f"model.vision_tower={root / 'vision' / 'model'}",
-                  f"data.conversations={root / 'scenes' / 'train' / 'captions.json'}")
+def _stage_align(seed: int | None = None) -> Callable:
+    def run(root: Path, preset: RunPreset) -> dict:
+        s = preset.seed if seed is None else seed
+        out = base_dir(root, preset, s).relative_to(root) / "align"
+        return _train(root, preset, "align", str(out), f"optim.num_train_epochs={preset.align_epochs}",
+                      f"optim.seed={s}", f"model.vision_tower={root / 'vision' / 'model'}",
+                      f"data.conversations={root / 'scenes' / 'train' / 'captions.json'}")
+    return run
 
 
-def _stage_instruct(root: Path, preset: RunPreset) -> dict:
-    return _train(root, preset, "instruct", "instruct", f"optim.num_train_epochs={preset.instruct_epochs}",
-                  f"optim.seed={preset.seed}", f"model.init={root / 'align' / 'model'}",
-                  f"data.conversations={root / 'scenes' / 'train' / 'conversations.json'}")
+def _stage_instruct(seed: int | None = None) -> Callable:
+    def run(root: Path, preset: RunPreset) -> dict:
+        s = preset.seed if seed is None else seed
+        base = base_dir(root, preset, s)
+        return _train(root, preset, "instruct", str(base.relative_to(root) / "instruct"),
+                      f"optim.num_train_epochs={preset.instruct_epochs}", f"optim.seed={s}",
+                      f"model.init={base / 'align' / 'model'}",
+                      f"data.conversations={root / 'scenes' / 'train' / 'conversations.json'}")
+    return run
 
 
 def _train_experiment(e: Experiment) -> Callable:
@@ -230,7 +261,8 @@ def _train_experiment(e: Experiment) -> Callable:
         from .training.plateau import FLAT_TOLERANCE
 
         sc = root / "scenes"
-        summary = _train(root, preset, "compress", f"runs/{e.key}", f"model.init={root / 'instruct' / 'model'}",
+        init = base_dir(root, preset, e.seed) / "instruct" / "model"
+        summary = _train(root, preset, "compress", f"runs/{e.key}", f"model.init={init}",
                          f"data.conversations={sc / 'train' / 'conversations.json'}",
                          f"data.val_conversations={sc / 'val' / 'conversations.json'}",
                          f"data.val_items={preset.compress_val_items}",
@@ -301,6 +333,11 @@ def _upper(root: Path) -> Path:
     return root / "instruct" / "model"
 
 
+def _upper_of(seed: int) -> Callable[[Path], Path]:
+    """The upper bound of seed ``seed``'s base (a function of the run folder, like :func:`_upper`)."""
+    return lambda root: root / "bases" / f"s{seed}" / "instruct" / "model"
+
+
 def _predictions(root: Path, key: str, family: str) -> tuple[str, list[dict], dict[str, str]]:
     """(benchmark, question rows as scored, predictions) of one finished evaluation stage."""
     from .evaluation.runner import _read_predictions, scored_rows
@@ -315,8 +352,8 @@ def _stage_intervals(root: Path, preset: RunPreset) -> dict:
     from .evaluation.bootstrap import image_statistics, interval, paired_difference, sign_flip_test
     from .evaluation.scorers.vqa import accuracy
 
-    keys = {"upper": ["upper"], "lower": ["lower"]} | {m: [seed_key(m, s, preset) for s in preset.seeds]
-                                                        for m in TABLE1_METHODS}
+    keys = {b: bound_keys(preset, b) for b in ("upper", "lower")} | {
+        m: [seed_key(m, s, preset) for s in preset.seeds] for m in TABLE1_METHODS}
     read = {(k, f): _predictions(root, k, f) for runs in keys.values() for k in runs for f in FAMILY_BENCHMARKS}
     stats = {m: {f: [image_statistics(*read[k, f]) for k in runs] for f in FAMILY_BENCHMARKS} for m, runs in keys.items()}
     cells = {m: {f: interval(v).to_dict() for f, v in fams.items()} for m, fams in stats.items()}
@@ -330,6 +367,7 @@ def _stage_intervals(root: Path, preset: RunPreset) -> dict:
 
     diff["open"] |= sign_flip_test(per_question("htc"), per_question("voco"))
     out = {"cells": cells, "htc_minus_voco": diff, "seeds": list(preset.seeds), "replicates": 2000,
+           "base_per_seed": preset.base_per_seed,
            "unit": "test image (all its questions), seeds drawn with replacement"}
     atomic_write_bytes(root / "intervals.json", (json.dumps(out, indent=1) + "\n").encode())
     return out | {"outputs": str(root / "intervals.json"),
@@ -388,8 +426,8 @@ def stages(p: RunPreset) -> list[Stage]:
         Stage("vision", _stage_vision, "pre-train the tiny vision tower (dense scene attributes)", needs=("scenes",)),
         Stage("tokenizer", _stage_tokenizer, "train the multi-group VQ tokenizer", needs=("scenes",)),
         Stage("features", _stage_features, "store the discrete latents q of every image", needs=("tokenizer",)),
-        Stage("align", _stage_align, "align: projector and the from-scratch LM on captions", needs=("vision",)),
-        Stage("instruct", _stage_instruct, "instruct: the uncompressed upper bound", needs=("align",)),
+        Stage("align", _stage_align(), "align: projector and the from-scratch LM on captions", needs=("vision",)),
+        Stage("instruct", _stage_instruct(), "instruct: the uncompressed upper bound", needs=("align",)),
         Stage("val/upper", _eval_stage("val-upper", _upper, "upper", None, split="val"),
               "the upper bound on the validation split (the base recipe is judged here)", needs=base, pooled=True),
         Stage("eval/upper", _eval_stage("upper", _upper, "upper", None), "evaluate the upper bound", "table1",
@@ -398,11 +436,22 @@ def stages(p: RunPreset) -> list[Stage]:
               needs=base, pooled=True),
     ]
     table1_evals = ["eval/upper", "eval/lower"]
+    for s in (x for x in p.seeds if base_stage(p, x, "instruct") != "instruct"):  # --base-per-seed
+        align, instruct = base_stage(p, s, "align"), base_stage(p, s, "instruct")
+        out += [Stage(align, _stage_align(s), f"align with seed {s}: the base of Table 1's seed {s}", "table1",
+                      needs=("vision",), pooled=True),
+                Stage(instruct, _stage_instruct(s), f"instruct with seed {s}: the upper bound of Table 1's seed {s}",
+                      "table1", needs=(align,), pooled=True)]
+        for bound in ("upper", "lower"):
+            key = f"{bound}-s{s}"
+            out.append(Stage(f"eval/{key}", _eval_stage(key, _upper_of(s), bound, None),
+                             f"evaluate the {bound} bound of seed {s}'s base", "table1", needs=(instruct,), pooled=True))
+            table1_evals.append(f"eval/{key}")
     for e in experiments(p):
         group = e.groups[0]
         fams = None if "table1" in e.groups else (lambda pr: pr.table2_families)
         out.append(Stage(f"train/{e.key}", _train_experiment(e), f"train {e.method} ({e.key})", group,
-                         needs=("instruct", "features"), pooled=True))
+                         needs=(base_stage(p, e.seed, "instruct"), "features"), pooled=True))
         out.append(Stage(f"eval/{e.key}", _eval_stage(e.key, lambda r, k=e.key: r / "runs" / k / "model", "model",
                                                       None, fams), f"evaluate {e.key}", group,
                          needs=(f"train/{e.key}", "features"), pooled=True))
@@ -431,12 +480,12 @@ def default_jobs() -> int:
 
 
 def run(out: Path, preset: str = "tiny", quick: bool = False, only: list[str] | None = None, console=None,
-        seeds: int | None = None, jobs: int = 1) -> dict:
+        seeds: int | None = None, jobs: int = 1, base_per_seed: bool | None = None) -> dict:
     """Run (or resume) every stage of ``preset`` into ``out``; return the run record. ``seeds`` trains
     Table 1 with seeds 0..seeds-1 (default: the preset's); it may grow on an existing run. ``jobs``
     pooled stages (training and evaluating the compression runs) run at once in worker processes,
     each on cores // jobs threads; the base model's stages run one at a time on every core."""
-    p = get_preset(preset, quick, seeds)
+    p = get_preset(preset, quick, seeds, base_per_seed)
     if jobs < 1:
         raise HTCError(f"--jobs must be at least 1, got {jobs}")
     todo = stages(p)
@@ -455,7 +504,9 @@ def run(out: Path, preset: str = "tiny", quick: bool = False, only: list[str] | 
     if not (isinstance(record, dict) and isinstance(record.get("preset"), dict) and isinstance(record.get("stages"), dict)):
         raise HTCError(f"{record_path} is not a run record (broken JSON or wrong layout); "
                        f"move it away to start this run folder afresh")
-    fixed = lambda d: {k: v for k, v in d.items() if k not in EXTENSIBLE}  # noqa: E731
+    # a setting added since the record was written takes its default (an older run folder resumes)
+    defaults = {f.name: f.default for f in fields(RunPreset) if f.default is not MISSING}
+    fixed = lambda d: {k: v for k, v in (defaults | d).items() if k not in EXTENSIBLE}  # noqa: E731
     if fixed(record["preset"]) != fixed(this):
         raise HTCError(f"{out} holds a run of preset {record['preset']['name']!r} with other settings; "
                        f"resume it with the same options, or start fresh with another --out or after deleting {out}")
@@ -528,7 +579,8 @@ def run(out: Path, preset: str = "tiny", quick: bool = False, only: list[str] | 
                     pool = pool or _make_pool(jobs, threads)
                     log = out / "logs" / (stage.name.replace("/", "_") + ".log")
                     t0 = started(stage, f" (worker, {threads} thread{'s' * (threads > 1)}; log {log.relative_to(out)})")
-                    fut = pool.submit(_pooled_stage, str(out), preset, quick, seeds, stage.name, str(log))
+                    fut = pool.submit(_pooled_stage, str(out), preset, quick, seeds, stage.name, str(log),
+                                      p.base_per_seed)
                     running[fut] = (stage, t0, log)
                     pending.remove(stage)
                     launched = True
@@ -599,10 +651,11 @@ def _make_pool(jobs: int, threads: int):
                                initargs=(threads,))
 
 
-def _pooled_stage(out: str, preset: str, quick: bool, seeds: int | None, name: str, log: str):
+def _pooled_stage(out: str, preset: str, quick: bool, seeds: int | None, name: str, log: str,
+                  base_per_seed: bool = False):
     """Run stage ``name`` of the preset in a worker; (True, summary, "") or (False, error, traceback).
     The worker's output (progress bars, warnings) goes to ``log``, not over the scheduler's lines."""
-    p = get_preset(preset, quick, seeds)
+    p = get_preset(preset, quick, seeds, base_per_seed)
     stage = next(s for s in stages(p) if s.name == name)
     with _output_to(Path(log)):
         try:

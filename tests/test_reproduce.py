@@ -92,8 +92,8 @@ def test_more_seeds_extend_a_run_and_refresh_the_intervals(tmp_path, monkeypatch
 
     p1, p3 = rp.get_preset("tiny", False, seeds=1), rp.get_preset("tiny", False, seeds=3)
     keys = lambda p: {e.key for e in rp.experiments(p) if "table1" in e.groups}  # noqa: E731
-    assert keys(p1) == {f"{m}-b1" for m in rp.TABLE1_METHODS}
-    assert keys(p3) == keys(p1) | {f"{m}-b1-s{s}" for m in rp.TABLE1_METHODS for s in (1, 2)}
+    assert keys(p1) == {f"{m}-b1" for m in rp.table1_methods()}
+    assert keys(p3) == keys(p1) | {f"{m}-b1-s{s}" for m in rp.table1_methods() for s in (1, 2)}
     assert main(["reproduce", "--seeds", "0", "--out", str(tmp_path / "x")]) == 2
 
     calls = []

@@ -14,10 +14,22 @@ from pathlib import Path
 
 from .evaluation.retention import retention
 
-TABLE1 = [("upper", "upper bound (every patch token)"), ("lower", "lower bound (voco mask, untrained)"),
-          ("avgpool-b1", "average pooling"), ("qformer-b1", "Q-Former"), ("voco-b1", "VoCo-LLaMA"),
-          ("htc-b1", "HTC (ours)"), ("discrete-b1", "discrete only")]
-TABLE2_METHODS = ["fastv", "pdrop", "sparsevlm", "tome", "voco", "htc"]
+
+
+def table1_rows() -> list[tuple[str, str]]:
+    """(evaluation key, label) of Table 1's rows: the bounds, then each one-token method at seed 0,
+    from the method registry (its order is the tables' order)."""
+    from .methods.registry import METHODS, in_table
+
+    bounds = [(m, METHODS[m].label or m) for m in in_table("1", "bound")]
+    return bounds + [(f"{m}-b1", METHODS[m].label or m) for m in in_table("1", "trained")]
+
+
+def table2_methods() -> list[str]:
+    """Table 2's methods: the training-free ones, then the trained ones it lists."""
+    from .methods.registry import in_table
+
+    return [*in_table("2", "training-free"), *in_table("2", "trained")]
 
 
 def _done(record: dict, name: str) -> dict | None:
@@ -56,7 +68,7 @@ def _ci(c: dict | None) -> str:
 
 
 def _intervals_section(iv: dict, fams: list[str]) -> list[str]:
-    labels = {"upper": "upper bound", "lower": "lower bound"} | {k.split("-")[0]: v for k, v in TABLE1[2:]}
+    labels = {"upper": "upper bound", "lower": "lower bound"} | {k.split("-")[0]: v for k, v in table1_rows()[2:]}
     bases = ("each seed with its own base model: the bounds are one model per seed, and every one-token run "
              "compressed its seed's base" if iv.get("base_per_seed") else
              "one base model: the bounds are one model each, and every one-token run compressed it")
@@ -132,7 +144,7 @@ def render(out: Path, record: dict) -> tuple[str, dict]:
                   "| method | " + " | ".join(fams) + " | open semantic | open detail | avg ret. (%) |",
                   "|---|" + "---|" * (len(fams) + 3)]
         t1 = {}
-        for key, label in TABLE1:
+        for key, label in table1_rows():
             d = row_data(key)
             if d is None:
                 continue
@@ -158,7 +170,7 @@ def render(out: Path, record: dict) -> tuple[str, dict]:
             lines += _intervals_section(iv, fams)
             results["table1_intervals"] = {"cells": iv["cells"], "htc_minus_voco": iv["htc_minus_voco"]}
 
-    per_t = {label: _by_template(out, key) for key, label in TABLE1 if _done(record, f"eval/{key}")}
+    per_t = {label: _by_template(out, key) for key, label in table1_rows() if _done(record, f"eval/{key}")}
     if _done(record, "eval/upper"):
         per_t["upper bound, one-object scenes only"] = _by_template(out, "upper", one_object=True)
     per_t = {k: v for k, v in per_t.items() if v}
@@ -184,7 +196,7 @@ def render(out: Path, record: dict) -> tuple[str, dict]:
         lines.append("")
 
     budgets = record["preset"]["budgets"]
-    t2 = {m: {b: row_data(f"{m}-b{b}") for b in budgets} for m in TABLE2_METHODS}
+    t2 = {m: {b: row_data(f"{m}-b{b}") for b in budgets} for m in table2_methods()}
     if any(d for per in t2.values() for d in per.values()):
         fams2 = record["preset"]["table2_families"]
         lines += ["## Table 2 analog: fixed token budgets", "",
@@ -271,7 +283,7 @@ def _by_template(out: Path, key: str, one_object: bool = False) -> dict:
 
 def _seed_rows(record, row_data) -> dict:
     out = {}
-    for m in (k.split("-")[0] for k, _ in TABLE1[2:]):
+    for m in (k.split("-")[0] for k, _ in table1_rows()[2:]):
         keys = [k[len("eval/"):] for k in record["stages"] if k.startswith(f"eval/{m}-b1") and
                 (k == f"eval/{m}-b1" or k.startswith(f"eval/{m}-b1-s"))]
         rows = [row_data(k) for k in keys]

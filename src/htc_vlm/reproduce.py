@@ -145,7 +145,11 @@ def seed_key(method: str, seed: int, p: RunPreset) -> str:
     return f"{method}-b1" + (f"-s{seed}" if seed != p.seed else "")
 
 
-TABLE1_METHODS = ("avgpool", "qformer", "voco", "htc", "discrete")
+def table1_methods() -> tuple[str, ...]:
+    """The one-token methods of Table 1: the registry's trained methods that list it."""
+    from .methods.registry import in_table
+
+    return in_table("1", "trained")
 
 
 def experiments(p: RunPreset) -> list[Experiment]:
@@ -157,7 +161,7 @@ def experiments(p: RunPreset) -> list[Experiment]:
         runs[e.key] = Experiment(old.key, old.method, old.budget, old.extra, old.seed, old.groups + (group,))
 
     for s in p.seeds:
-        for m in TABLE1_METHODS:
+        for m in table1_methods():
             add(Experiment(seed_key(m, s, p), m, seed=s), "table1")
     for b in p.trained_budgets:
         for m in ("voco", "htc"):
@@ -353,7 +357,7 @@ def _stage_intervals(root: Path, preset: RunPreset) -> dict:
     from .evaluation.scorers.vqa import accuracy
 
     keys = {b: bound_keys(preset, b) for b in ("upper", "lower")} | {
-        m: [seed_key(m, s, preset) for s in preset.seeds] for m in TABLE1_METHODS}
+        m: [seed_key(m, s, preset) for s in preset.seeds] for m in table1_methods()}
     read = {(k, f): _predictions(root, k, f) for runs in keys.values() for k in runs for f in FAMILY_BENCHMARKS}
     stats = {m: {f: [image_statistics(*read[k, f]) for k in runs] for f in FAMILY_BENCHMARKS} for m, runs in keys.items()}
     cells = {m: {f: interval(v).to_dict() for f, v in fams.items()} for m, fams in stats.items()}

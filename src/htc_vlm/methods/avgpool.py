@@ -15,4 +15,5 @@ METHOD = trained_method(
     AveragePooling(), tables=("1",),
     paper="the pooling baseline of VoCo-LLaMA's and HTC-VLM's Table 1",
     summary="mean of the patch tokens",
+    label="average pooling",
 )

@@ -31,4 +31,5 @@ METHOD = trained_method(
     DiscreteOnly(), tables=("1",),
     paper="Hybrid Token Compression for Vision-Language Models (HTC-VLM), Table 4 ablation",
     summary="VQ tokens only -> voco",
+    label="discrete only",
 )

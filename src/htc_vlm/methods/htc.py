@@ -45,4 +45,5 @@ METHOD = trained_method(
     Hybrid(), tables=("1", "2"),
     paper="Hybrid Token Compression for Vision-Language Models (HTC-VLM)",
     summary="[anchors; patches] -> voco under the disentanglement mask",
+    label="HTC (ours)",
 )

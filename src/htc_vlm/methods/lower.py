@@ -15,6 +15,6 @@ def _load(path, budget, options):
 METHOD = register(Method(
     name="lower", kind="bound", tables=("1",),
     paper="Ye et al. 2025, VoCo-LLaMA: Towards Vision Compression with Large Language Models",
-    summary="the upper-bound model under the voco mask, voco untrained",
+    summary="the upper-bound model under the voco mask, voco untrained", label="lower bound (voco mask, untrained)",
     load=_load,
 ))

@@ -15,4 +15,5 @@ METHOD = trained_method(
     QFormer(), tables=("1",),
     paper="Li et al. 2023, BLIP-2: Bootstrapping Language-Image Pre-training with Frozen Image Encoders and LLMs",
     summary="one learned query cross-attending to the patches",
+    label="Q-Former",
 )

@@ -32,6 +32,7 @@ class Method:
     train_overrides: Callable[[int], list[str]] | None = None  # budget -> key=value overrides (trained)
     tables: tuple[str, ...] = ()
     options: dict = field(default_factory=dict)  # configurable defaults (training-free), documented
+    label: str = ""  # the row label in the report's tables (the name where empty)
 
 
 METHODS: dict[str, Method] = {}
@@ -42,6 +43,12 @@ def register(method: Method) -> Method:
         raise ValueError(f"method {method.name!r} registered twice")
     METHODS[method.name] = method
     return method
+
+
+def in_table(table: str, kind: str) -> tuple[str, ...]:
+    """The methods of ``kind`` that the paper's Table ``table`` lists, in registration order (the
+    order of ``methods/__init__.py``, which is the order of the tables)."""
+    return tuple(m.name for m in METHODS.values() if table in m.tables and m.kind == kind)
 
 
 def get_method(name: str) -> Method:
@@ -90,7 +97,8 @@ def trained_loader(compression: str, budget_key: str) -> Callable:
     return load
 
 
-def trained_method(compression: Compression, tables: tuple[str, ...], paper: str, summary: str) -> Method:
+def trained_method(compression: Compression, tables: tuple[str, ...], paper: str, summary: str,
+                   label: str = "") -> Method:
     """Register a method trained by the compress stage as ``model.compression=<name>``: its
     :class:`~htc_vlm.methods.compression.Compression` (what the model asks of it) and its
     :class:`Method` (how it is trained, loaded and listed), its token count set by
@@ -98,7 +106,7 @@ def trained_method(compression: Compression, tables: tuple[str, ...], paper: str
     name, budget_key = compression.name, compression.budget_key
     register_compression(compression)
     return register(Method(
-        name=name, kind="trained", tables=tables, paper=paper, summary=summary,
+        name=name, kind="trained", tables=tables, paper=paper, summary=summary, label=label,
         load=trained_loader(name, budget_key),
         train_overrides=lambda budget: [f"model.compression={name}", f"model.{budget_key}={budget}"],
     ))

@@ -16,6 +16,6 @@ register_compression(Uncompressed())
 METHOD = register(Method(
     name="upper", kind="bound", tables=("1", "2"),
     paper="Liu et al. 2024, Improved Baselines with Visual Instruction Tuning (LLaVA-1.5)",
-    summary="all patch tokens, no compression",
+    summary="all patch tokens, no compression", label="upper bound (every patch token)",
     load=lambda path, budget, options: upper_bound(path),
 ))

@@ -15,4 +15,5 @@ METHOD = trained_method(
     VoCo(), tables=("1", "2"),
     paper="Ye et al. 2025, VoCo-LLaMA: Towards Vision Compression with Large Language Models",
     summary="patches -> voco under the disentanglement mask",
+    label="VoCo-LLaMA",
 )

@@ -75,7 +75,8 @@ def _cached_vs_full(model, prefix=()):
 CASES = [
     dict(compression=c, vision_attention=v, num_voco=n)
     for c, v, n in itertools.product(["voco", "htc", "discrete"], ["causal", "isolated"], [1, 3])
-] + [dict(compression="htc", fusion=f) for f in ("post", "mean")] + [dict(compression="none")]
+] + [dict(compression="htc", fusion=f) for f in ("post", "mean")] + [dict(compression="none")] + [
+    dict(compression=c, pool_tokens=k) for c in ("avgpool", "qformer") for k in (1, 3)]  # no voco: the pooled tokens
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

@@ -6,8 +6,15 @@ Trains the base model's align and instruct stages again from a finished run's sc
 accuracy on the validation split and on the test split is printed side by side, with the time taken.
 
     python benchmarks/base_robustness.py RUN [--seeds 1 2] [--one-thread-seed 0] [--out RUN/robustness]
+        [--compress voco htc] [--compress-steps 3000]
 
 The run's own upper bound (seed 0, trained by ``reproduce`` with all cores) is the first row.
+
+``--compress METHOD ...`` also trains each method from every configuration's base (the run's own
+included): the ``compress`` stage of the preset, seed 0, one thread, ``--compress-steps`` steps at
+its constant rate with no early stop, the validation loss every 100 steps on 96 validation images;
+then each is scored on the validation split's open questions. The second table shows how far a
+one-token run moves with the base it compresses (docs/LOG.md, session 7).
 
 Configurations run one after another (a one-thread configuration uses one thread; the others all the
 machine's). Finished configurations are skipped when run again (each writes ``result.json``).
@@ -65,6 +72,33 @@ def configuration(run: Path, out: Path, seed: int, threads: int | None, preset: 
     return result
 
 
+def compression(run: Path, base: Path, out: Path, method: str, steps: int) -> dict:
+    """``method`` trained from the upper bound in ``base`` for ``steps`` steps, scored on val open."""
+    done = out / "result.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    sc = run / "scenes"
+    t0 = time.perf_counter()
+    _run(["htc-vlm", "train", "--config", "tiny", "--method", method, "--budget", "1", f"output_dir={out}",
+          f"data.images={sc / 'images'}", f"data.tokenizer={sc / 'tokenizer'}",
+          f"data.features={run / 'features.safetensors'}", f"model.init={base / 'instruct' / 'model'}",
+          f"data.conversations={sc / 'train' / 'conversations.json'}",
+          f"data.val_conversations={sc / 'val' / 'conversations.json'}", "data.val_items=96",
+          f"optim.max_steps={steps}", "optim.eval_steps=100", "optim.seed=0"], out / "train.log", 1)
+    train_s = time.perf_counter() - t0
+    features = ["--features", str(run / "features.safetensors")] if method in ("htc", "discrete") else []
+    _run(["htc-vlm", "eval", "--model", str(out / "model"), "--benchmark", "scenes_open", "--questions",
+          str(sc / "val" / "open.jsonl"), "--images", str(sc / "images"), "--out", str(out / "eval-val"),
+          *features], out / "eval-val.log", 1)
+    curve = json.loads((out / "model" / "val_curve.json").read_text())
+    result = {"method": method, "steps": steps, "best_val_loss": round(min(curve["val_loss"]), 4),
+              "val_open": round(json.loads((out / "eval-val" / "metrics.json").read_text())["scores"]["scenes_open"], 2),
+              "train_seconds": round(train_s, 1)}
+    done.write_text(json.dumps(result) + "\n")
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run", type=Path, help="a htc-vlm reproduce run folder (scenes and vision stages done)")
@@ -73,6 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--one-thread-seed", type=int, nargs="*", default=[0],
                     help="seeds also trained with one thread (none: --one-thread-seed with no value)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--compress", nargs="*", default=[], help="trained methods to compress every base with")
+    ap.add_argument("--compress-steps", type=int, default=3000)
     a = ap.parse_args(argv)
     record = json.loads((a.run / "run.json").read_text())
     for stage in ("scenes", "vision"):
@@ -81,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     out = a.out or a.run / "robustness"
     configs = [(s, None) for s in a.seeds] + [(s, 1) for s in a.one_thread_seed]
     console = Console()
-    rows = []
+    rows, bases = [], {"run's own": a.run}
     own_val, own_test = (record["stages"].get(k, {}) for k in ("val/upper", "eval/upper"))
     if own_val.get("status") == own_test.get("status") == "done":  # the run's own upper bound is one more row
         rows.append({"seed": record["preset"]["seed"], "threads": "run's own", "val_open": own_val["scores"]["open"],
@@ -91,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         name = f"seed{seed}" + ("-1thread" if threads == 1 else "")
         console.print(f"{name}: align + instruct + evaluation ...", highlight=False)
         rows.append(configuration(a.run, out / name, seed, threads, record["preset"]))
+        bases[name] = out / name
     t = Table("seed", "threads", "val open %", "test open %", "train s", title="upper bound of the embedded default")
     for r in rows:
         t.add_row(str(r["seed"]), str(r["threads"]), f"{r['val_open']:.1f}", f"{r['test_open']:.1f}", f"{r['train_seconds']:.0f}")
@@ -99,6 +136,22 @@ def main(argv: list[str] | None = None) -> None:
     console.print(f"test open accuracy over {len(rows)} configurations: min {min(vals):.1f}, max {max(vals):.1f}, "
                   f"mean {sum(vals) / len(vals):.1f}", highlight=False)
     (out / "table.json").write_text(json.dumps(rows, indent=1) + "\n")
+    if not a.compress:
+        return
+    crows = []
+    for name, base in bases.items():
+        for m in a.compress:
+            console.print(f"{m} from the {name} base: {a.compress_steps} compression steps + evaluation ...",
+                          highlight=False)
+            where = out / "compress" / f"{name.replace(' ', '-').replace(chr(39), '')}-{m}"
+            crows.append({"base": name} | compression(a.run, base, where, m, a.compress_steps))
+    t = Table("base", "method", "steps", "best val loss", "val open %", "train s",
+              title="one-token runs from each base (seed 0, one thread, constant rate)")
+    for r in crows:
+        t.add_row(r["base"], r["method"], str(r["steps"]), f"{r['best_val_loss']:.4f}", f"{r['val_open']:.1f}",
+                  f"{r['train_seconds']:.0f}")
+    console.print(t)
+    (out / "compress.json").write_text(json.dumps(crows, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -285,3 +285,26 @@ def test_base_per_seed_gives_each_table1_seed_its_own_base_and_bounds(tmp_path, 
     (out / "run.json").write_text(json.dumps(record))
     assert main(["reproduce", "--quick", "--out", str(out)]) == 0
     assert main(["reproduce", "--quick", "--base-per-seed", "--out", str(out)]) == 2  # another setting: refused
+
+
+def test_an_inline_stage_writes_its_output_to_its_log_not_the_terminal(tmp_path, monkeypatch, capfd):
+    """A base stage runs in the scheduler's process: what it prints (the Trainer's dictionaries and
+    progress bars, Python or C level) goes to logs/<stage>.log; the terminal gets its start line with
+    the log's path and its 'done' line."""
+    import os
+
+    import htc_vlm.reproduce as rp
+
+    def noisy(root, preset):
+        print("{'loss': 0.5}")
+        os.write(2, b"progress 10/10\n")
+        return {"outputs": "", "command": ""}
+
+    monkeypatch.setattr(rp, "stages", lambda p: [rp.Stage("base/noisy", noisy, "a noisy stage")])
+    out = tmp_path / "run"
+    assert main(["reproduce", "--quick", "--out", str(out), "--jobs", "1"]) == 0
+    got = capfd.readouterr()
+    term = got.out + got.err
+    assert "loss" not in term and "progress 10/10" not in term
+    assert sorted((out / "logs" / "base_noisy.log").read_text().splitlines()) == ["progress 10/10", "{'loss': 0.5}"]
+    assert "logs/base_noisy.log" in term and "base/noisy: done in" in term

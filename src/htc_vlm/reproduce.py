@@ -553,8 +553,7 @@ def run(out: Path, preset: str = "tiny", quick: bool = False, only: list[str] | 
         waiting_for.discard(stage.name)
         save()
         write_report(out, record)
-        if stage.pooled and jobs > 1:
-            _say(console, f"[{number[stage.name]}/{len(todo)}] {stage.name}: done in {spent[-1]:.0f} s")
+        _say(console, f"[{number[stage.name]}/{len(todo)}] {stage.name}: done in {spent[-1]:.0f} s")
 
     def failed(stage: Stage, error: str, trace: str) -> None:
         call["wall_s"] = round(time.perf_counter() - t_start, 2)
@@ -588,11 +587,13 @@ def run(out: Path, preset: str = "tiny", quick: bool = False, only: list[str] | 
                     running[fut] = (stage, t0, log)
                     pending.remove(stage)
                     launched = True
-                elif not running:  # an unpooled stage runs alone, here
+                elif not running:  # an unpooled stage runs alone, here, its output (the Trainer's) to its log
                     pending.remove(stage)
-                    t0 = started(stage, "")
+                    log = out / "logs" / (stage.name.replace("/", "_") + ".log")
+                    t0 = started(stage, f" (log {log.relative_to(out)})")
                     try:
-                        summary = stage.run(out, p)
+                        with _output_to(log):
+                            summary = stage.run(out, p)
                     except Exception as e:
                         failed(stage, f"{type(e).__name__}: {e}", traceback.format_exc())
                         raise
@@ -671,16 +672,19 @@ def _pooled_stage(out: str, preset: str, quick: bool, seeds: int | None, name: s
 @contextmanager
 def _output_to(log: Path):
     """Send this process's stdout and stderr (file descriptors 1 and 2, so C code and progress bars
-    too) to ``log`` for the duration."""
+    too, and ``sys.stdout`` / ``sys.stderr`` where something replaced them) to ``log`` for the duration."""
+    from contextlib import redirect_stderr, redirect_stdout
+
     log.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
-    with open(log, "a") as f:
+    with open(log, "a", buffering=1) as f:
         os.dup2(f.fileno(), 1)
         os.dup2(f.fileno(), 2)
         try:
-            yield
+            with redirect_stdout(f), redirect_stderr(f):
+                yield
         finally:
             sys.stdout.flush()
             sys.stderr.flush()

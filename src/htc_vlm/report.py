@@ -294,15 +294,14 @@ def _seed_rows(record, row_data) -> dict:
 
 
 def _ablation_rows(record, row_data) -> dict:
+    from .reproduce import ablation_key
+
     rows = {}
     spec = [("channels", "hybrid (HTC)", "htc-b1"), ("channels", "continuous only (VoCo)", "voco-b1"),
             ("channels", "discrete only", "discrete-b1")]
-    for n in (1, 2, 4, 8):
-        spec.append(("N_d", str(n), "htc-b1" if n == 4 else f"htc-nd{n}"))
-    for f in ("pre", "post", "mean"):
-        spec.append(("fusion", f, "htc-b1" if f == "pre" else f"htc-{f}"))
-    for a in ("causal", "isolated"):
-        spec.append(("vision attention", a, "htc-b1" if a == "causal" else f"htc-{a}"))
+    for group, option, values in (("N_d", "num_anchors", (1, 2, 4, 8)), ("fusion", "fusion", ("pre", "post", "mean")),
+                                  ("vision attention", "vision_attention", ("causal", "isolated"))):
+        spec += [(group, str(v), ablation_key(option, v)) for v in values]
     for group, setting, key in spec:
         if f"train/{key}" in record["stages"] or key == "htc-b1":
             d = row_data(key)

@@ -166,14 +166,20 @@ def experiments(p: RunPreset) -> list[Experiment]:
     for b in p.trained_budgets:
         for m in ("voco", "htc"):
             add(Experiment(f"{m}-b{b}", m, b), "table2")
-    for n in p.anchors:
-        add(Experiment("htc-b1" if n == 4 else f"htc-nd{n}", "htc", extra=(f"model.num_anchors={n}",)), "ablations")
-    for f in p.fusions:
-        add(Experiment("htc-b1" if f == "pre" else f"htc-{f}", "htc", extra=(f"model.fusion={f}",)), "ablations")
-    for a in p.attentions:
-        add(Experiment("htc-b1" if a == "causal" else f"htc-{a}", "htc", extra=(f"model.vision_attention={a}",)),
-            "ablations")
+    for option, values in (("num_anchors", p.anchors), ("fusion", p.fusions), ("vision_attention", p.attentions)):
+        for v in values:
+            add(Experiment(ablation_key(option, v), "htc", extra=(f"model.{option}={v}",)), "ablations")
     return list(runs.values())
+
+
+ABLATION_DEFAULTS = {"num_anchors": 4, "fusion": "pre", "vision_attention": "causal"}  # HTC's own: the htc-b1 run
+
+
+def ablation_key(option: str, value) -> str:
+    """The run key of the HTC ablation setting ``model.<option>=value``; HTC's own setting is htc-b1."""
+    if value == ABLATION_DEFAULTS[option]:
+        return "htc-b1"
+    return f"htc-nd{value}" if option == "num_anchors" else f"htc-{value}"
 
 
 # ---------------------------------------------------------------------- the base model

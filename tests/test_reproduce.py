@@ -275,6 +275,14 @@ def test_base_per_seed_gives_each_table1_seed_its_own_base_and_bounds(tmp_path, 
     assert f"model.init={tmp_path / 'bases/s2/align/model'}" in i_extra
     assert c_out == "runs/voco-b1-s2" and f"model.init={tmp_path / 'bases/s2/instruct/model'}" in c_extra
     assert main_out == "align"
+    evaluated = []
+    monkeypatch.setattr(rp, "_evaluate", lambda root, key, model_dir, method, budget, fams, split="test":
+                        evaluated.append((key, model_dir, method)) or {})
+    for name in ("eval/upper-s1", "eval/lower-s2", "eval/upper"):
+        stages[name].run(tmp_path, per)
+    assert evaluated == [("upper-s1", tmp_path / "bases/s1/instruct/model", "upper"),
+                         ("lower-s2", tmp_path / "bases/s2/instruct/model", "lower"),
+                         ("upper", tmp_path / "instruct/model", "upper")]
 
     # a run folder written before this setting existed resumes (the setting takes its default)
     out = tmp_path / "old"

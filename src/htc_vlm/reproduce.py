@@ -101,14 +101,15 @@ def get_preset(name: str, quick: bool, seeds: int | None = None, base_per_seed: 
     return p
 
 
-def base_dir(root: Path, preset: RunPreset, seed: int) -> Path:
-    """The folder holding the align / instruct stages that seed ``seed``'s Table 1 runs start from."""
-    return root if seed == preset.seed or not preset.base_per_seed else root / "bases" / f"s{seed}"
-
-
 def base_stage(preset: RunPreset, seed: int, stage: str) -> str:
-    """The name of that base's ``align`` or ``instruct`` stage."""
+    """The ``align`` or ``instruct`` stage of the base that seed ``seed``'s Table 1 runs start from:
+    its name, which is also its folder in the run folder."""
     return stage if seed == preset.seed or not preset.base_per_seed else f"bases/s{seed}/{stage}"
+
+
+def base_dir(root: Path, preset: RunPreset, seed: int) -> Path:
+    """The folder holding that base's align / instruct stages."""
+    return (root / base_stage(preset, seed, "instruct")).parent
 
 
 def bound_keys(preset: RunPreset, bound: str) -> list[str]:
@@ -343,11 +344,6 @@ def _upper(root: Path) -> Path:
     return root / "instruct" / "model"
 
 
-def _upper_of(seed: int) -> Callable[[Path], Path]:
-    """The upper bound of seed ``seed``'s base (a function of the run folder, like :func:`_upper`)."""
-    return lambda root: root / "bases" / f"s{seed}" / "instruct" / "model"
-
-
 def _predictions(root: Path, key: str, family: str) -> tuple[str, list[dict], dict[str, str]]:
     """(benchmark, question rows as scored, predictions) of one finished evaluation stage."""
     from .evaluation.runner import _read_predictions, scored_rows
@@ -454,7 +450,8 @@ def stages(p: RunPreset) -> list[Stage]:
                       "table1", needs=(align,), pooled=True)]
         for bound in ("upper", "lower"):
             key = f"{bound}-s{s}"
-            out.append(Stage(f"eval/{key}", _eval_stage(key, _upper_of(s), bound, None),
+            upper = lambda root, s=s: base_dir(root, p, s) / "instruct" / "model"  # noqa: E731
+            out.append(Stage(f"eval/{key}", _eval_stage(key, upper, bound, None),
                              f"evaluate the {bound} bound of seed {s}'s base", "table1", needs=(instruct,), pooled=True))
             table1_evals.append(f"eval/{key}")
     for e in experiments(p):

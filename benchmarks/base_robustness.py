@@ -87,7 +87,10 @@ def compression(run: Path, base: Path, out: Path, method: str, steps: int) -> di
           f"data.val_conversations={sc / 'val' / 'conversations.json'}", "data.val_items=96",
           f"optim.max_steps={steps}", "optim.eval_steps=100", "optim.seed=0"], out / "train.log", 1)
     train_s = time.perf_counter() - t0
-    features = ["--features", str(run / "features.safetensors")] if method in ("htc", "discrete") else []
+    from htc_vlm import HTCConfig
+
+    needs_q = HTCConfig.from_pretrained(out / "model").needs_latents  # the method says, not its name
+    features = ["--features", str(run / "features.safetensors")] if needs_q else []
     _run(["htc-vlm", "eval", "--model", str(out / "model"), "--benchmark", "scenes_open", "--questions",
           str(sc / "val" / "open.jsonl"), "--images", str(sc / "images"), "--out", str(out / "eval-val"),
           *features], out / "eval-val.log", 1)
@@ -135,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     vals = [r["test_open"] for r in rows]
     console.print(f"test open accuracy over {len(rows)} configurations: min {min(vals):.1f}, max {max(vals):.1f}, "
                   f"mean {sum(vals) / len(vals):.1f}", highlight=False)
+    out.mkdir(parents=True, exist_ok=True)  # no configuration may have made it (only the run's own base)
     (out / "table.json").write_text(json.dumps(rows, indent=1) + "\n")
     if not a.compress:
         return

@@ -83,7 +83,8 @@ def known_compressions() -> tuple[str, ...]:
 
 
 def get_compression(name: str) -> Compression:
-    if name not in known_compressions():
+    """Asked on every forward (``config.compresses``): a dict lookup; the registry is imported on a miss only."""
+    if name not in COMPRESSIONS and name not in known_compressions():
         raise HTCError(f"unknown compression {name!r}; known: {', '.join(COMPRESSIONS)}")
     return COMPRESSIONS[name]
 

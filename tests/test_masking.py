@@ -92,3 +92,46 @@ def test_additive_float_mask_every_row_has_a_key(dtype):
     assert m.shape == (2, 1, 8, 8) and m.dtype == dtype
     assert set(m.unique().tolist()) == {0.0, torch.finfo(dtype).min}
     assert bool((m == 0).any(-1).all())  # no fully masked query row
+
+
+# ---------------------------------------------------------------------- flex_attention
+
+
+@pytest.mark.parametrize("mode", ["causal", "isolated"])
+def test_the_flex_mask_mod_is_the_same_mask(mode):
+    """The GPU BlockMask's mask_mod evaluates the same rule from the (B, T) kinds: evaluated on every
+    (query, key) it gives the written matrices, packed segments included."""
+    from htc_vlm.masking import mask_mod
+
+    kinds = KINDS.repeat(2, 1)
+    b, t = kinds.shape
+    grid = torch.arange(b)[:, None, None], 0, torch.arange(t)[None, :, None], torch.arange(t)[None, None, :]
+    got = mask_mod(kinds, True, mode)(*grid)
+    assert torch.equal(got[0], CAUSAL if mode == "causal" else ISOLATED)
+    assert torch.equal(mask_mod(kinds, False, mode)(*grid)[1], PLAIN)
+    segments = torch.tensor([[0, 0, 0, 0, 0, 0, 1, 2]]).repeat(2, 1)
+    assert torch.equal(mask_mod(kinds, True, mode, segments)(*grid), allowed_attention(kinds, True, mode, segments))
+
+
+def test_flex_attention_forward_equals_sdpa():
+    """attn_implementation="flex_attention": the model passes a BlockMask and gives sdpa's logits
+    (forward only: torch has no flex_attention backward on CPU; training with it needs a GPU)."""
+    from helpers import images, left_pad, tiny_model
+
+    from htc_vlm.layout import image_prompt_ids
+
+    model = tiny_model(compression="htc", vision_attention="isolated")
+    pix, q = images(model.config)
+    head = image_prompt_ids(model.config, [3])
+    ids, am = left_pad([head + [5, 6, 7, 8], head + [9, 10]])
+    with torch.no_grad():
+        ref = model(input_ids=ids, pixel_values=pix, discrete_latents=q, attention_mask=am).logits
+        ref_cache = model.compress(pix, q, prefix_ids=[3])
+        model.set_attn_implementation("flex_attention")
+        flex = model(input_ids=ids, pixel_values=pix, discrete_latents=q, attention_mask=am).logits
+        cache = model.compress(pix, q, prefix_ids=[3])
+    real = am.bool()
+    torch.testing.assert_close(flex[real], ref[real], atol=1e-5, rtol=1e-5)
+    assert cache.length == ref_cache.length == 2  # the prefix token and the voco token
+    for name, t in ref_cache._tensors().items():
+        torch.testing.assert_close(cache._tensors()[name], t, atol=1e-5, rtol=1e-5)

@@ -100,6 +100,8 @@ def encode_discrete(
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 64,
     shard_size: Annotated[int, typer.Option(min=1, help="Images per shard file.")] = 50_000,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store.")] = False,
+    image_aspect_ratio: Annotated[str, typer.Option(help="exact (refuse other sizes), resize, crop, or pad "
+                                                         "(LLaVA-1.5: the model's preprocessor_config.json says).")] = "exact",
 ) -> None:
     """Write q (the flattened quantized latent) of every image to a safetensors feature store; a run
     stopped part way resumes from the batches it finished."""
@@ -120,7 +122,7 @@ def encode_discrete(
     with progress_bar() as bar:
         task = bar.add_task("encoding", total=n)
         feats, failed = encode_folder(model, images, batch_size, progress=lambda k: bar.advance(task, k),
-                                      work=work, tokenizer_key=key)
+                                      work=work, tokenizer_key=key, aspect=image_aspect_ratio)
     for msg in failed:
         console.print(f"[red]failed:[/red] {msg}", highlight=False)
     if not feats:
@@ -133,6 +135,39 @@ def encode_discrete(
                   + (f"; {len(failed)} failed" if failed else ""))
     if failed:
         raise typer.Exit(1)  # the rest is written; exit 1 says that some images were not
+
+
+@app.command("import-mgvq")
+def import_mgvq(
+    ckpt: Annotated[Path, typer.Option(help="MGVQ's tokenizer checkpoint (e.g. mgvq_f16c32_g8.pt).")],
+    codes: Annotated[Path, typer.Option(help="safetensors file {image_id: codes (h*w, G)} from MGVQ's encode().")],
+    out: Annotated[Path, typer.Option(help="Feature store file (.safetensors).")],
+    groups: Annotated[int, typer.Option(min=1, help="Codebook groups of the checkpoint (g8: 8).")] = 8,
+    grid: Annotated[int, typer.Option(min=1, help="Latent grid side (336 px / 16 = 21).")] = 21,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing store.")] = False,
+) -> None:
+    """Turn codes computed with MGVQ's own encoder into our feature store, with the checkpoint's codebooks."""
+    from .vq.mgvq import import_codes
+
+    if out.exists() and not overwrite:
+        raise HTCError(f"{out} exists; pass --overwrite to replace it")
+    n = import_codes(ckpt, codes, out, groups, grid)
+    console.print(f"wrote q of {n} images to {out}", highlight=False)
+
+
+@app.command("convert-llava")
+def convert_llava_cmd(
+    src: Annotated[Path, typer.Argument(help="An original LLaVA checkpoint folder (mm_projector.*, e.g. llava-v1.5-7b).")],
+    out: Annotated[Path, typer.Option(help="Folder for the llava-hf layout (read by train model.llava=OUT).")],
+    vision_tower: Annotated[Path | None, typer.Option(help="The CLIP tower's folder (openai/clip-vit-large-patch14-336): "
+                                                        "released LLaVA-1.5 checkpoints leave it out.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty OUT.")] = False,
+) -> None:
+    """Convert an original LLaVA-1.5 checkpoint to the llava-hf layout, with <image> / <voco> in its
+    tokenizer and its image processing (pad to square) in preprocessor_config.json."""
+    from .convert import convert_llava
+
+    console.print(f"wrote {convert_llava(src, out, vision_tower, overwrite)}", highlight=False)
 
 
 @app.command(context_settings={"allow_extra_args": False})
@@ -185,7 +220,7 @@ def eval_cmd(
     budget: Annotated[int | None, typer.Option(min=1, help="Visual tokens kept (Table 2 budgets; training-free methods).")] = None,
     option: Annotated[list[str] | None, typer.Option(help="A method option key=value, e.g. layer=2 (repeatable).")] = None,
     features: Annotated[Path | None, typer.Option(help="Discrete feature store (htc / discrete models).")] = None,
-    template: Annotated[str, typer.Option(help="Chat template: plain or vicuna_v1.")] = "plain",
+    template: Annotated[str | None, typer.Option(help="Chat template (plain, vicuna_v1); default: the model's.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Questions per batch.")] = 32,
     likelihood: Annotated[bool, typer.Option(help="Multiple choice by the likelihood of each option letter.")] = False,
     image_norm: Annotated[str | None, typer.Option(help="half ([-1, 1]) or clip; default and only accepted value: "
@@ -196,6 +231,7 @@ def eval_cmd(
     from .vq.store import FeatureStore
 
     m, tok = load_model(model, method, budget, option)
+    template = template or m.config.chat_template
     store = FeatureStore(features, expected_dim=m.config.discrete_dim) if features else None
     n = len(read_questions(questions))
     with progress_bar() as bar:
@@ -272,13 +308,14 @@ def compress(
     out: Annotated[Path, typer.Option(help="Folder for the caches (STEM-IMAGEHASH-MODEL.safetensors).")],
     features: Annotated[Path | None, typer.Option(help="Discrete feature store (htc / discrete models).")] = None,
     vq: Annotated[Path | None, typer.Option(help="VQ tokenizer folder computing q on the fly instead.")] = None,
-    template: Annotated[str, typer.Option(help="Chat template whose prefix is cached with the image.")] = "plain",
+    template: Annotated[str | None, typer.Option(help="Chat template whose prefix is cached with the image; default: the model's.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 16,
 ) -> None:
     """Write one visual cache per image (its voco keys and values); images already compressed are skipped."""
     from .inference import compress_images
 
     m, tok = load_model(model)
+    template = template or m.config.chat_template
     enc = _image_encoder(m, features, vq)
     with progress_bar() as bar:
         task = bar.add_task("compressing", total=len(images))
@@ -303,7 +340,7 @@ def ask(
     cache: Annotated[Path | None, typer.Option(help="A visual cache written by `htc-vlm compress`.")] = None,
     features: Annotated[Path | None, typer.Option(help="Discrete feature store (htc / discrete models).")] = None,
     vq: Annotated[Path | None, typer.Option(help="VQ tokenizer folder computing q on the fly.")] = None,
-    template: Annotated[str, typer.Option(help="Chat template.")] = "plain",
+    template: Annotated[str | None, typer.Option(help="Chat template; default: the model's.")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest answer, in tokens.")] = 32,
 ) -> None:
     """Answer questions about one image from its visual cache (made on the spot from --image)."""
@@ -314,6 +351,7 @@ def ask(
     if (image is None) == (cache is None):
         raise HTCError("give exactly one of --image or --cache")
     m, tok = load_model(model)
+    template = template or m.config.chat_template
     if cache is not None:
         vc = VisualCache.load(cache, expected_fingerprint=m.fingerprint())
     else:
@@ -332,7 +370,7 @@ def serve(
     cache_dir: Annotated[str | None, typer.Option(help="Caches on disk: a folder or an fsspec URL such as s3://bucket/caches "
                                                       "(shared by replicas, kept across restarts).")] = None,
     cache_memory: Annotated[str, typer.Option(help="Memory for caches, e.g. 2GB (least recently used evicted).")] = "2GB",
-    template: Annotated[str, typer.Option(help="Chat template: plain or vicuna_v1.")] = "plain",
+    template: Annotated[str | None, typer.Option(help="Chat template (plain, vicuna_v1); default: the model's.")] = None,
     max_batch: Annotated[int, typer.Option(min=1, help="Questions answered in one model call.")] = 32,
     queue_size: Annotated[int, typer.Option(min=1, help="Questions waiting before requests get 429.")] = 256,
     max_image_mb: Annotated[float, typer.Option(min=0.001, help="Largest image upload, in MB.")] = 20.0,
@@ -352,6 +390,7 @@ def serve(
     from .vq.model import MultiGroupVQ
 
     m, tok = load_model(model)
+    template = template or m.config.chat_template
     tok_vq = MultiGroupVQ.load(vq / "tokenizer" if (vq / "tokenizer" / "config.json").exists() else vq) if vq else None
     store = CacheStore(parse_bytes(cache_memory), cache_dir)
     limits = Limits(max_image_bytes=int(max_image_mb * 1024 * 1024), max_image_pixels=max_image_pixels,

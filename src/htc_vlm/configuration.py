@@ -86,6 +86,9 @@ class HTCConfig(PreTrainedConfig):
     # The pixel normalisation the tower was trained with (data/images.py IMAGE_NORMS), saved with the
     # model so that every path (eval, compress, ask, lmms-eval) feeds it the pixels it learnt on.
     image_norm: str = "half"
+    # The chat template the model was trained with (data/llava.py TEMPLATES): the default of every
+    # command that builds prompts for it (eval, compress, ask, serve, lmms-eval).
+    chat_template: str = "plain"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

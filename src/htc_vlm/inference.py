@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from .cache import VisualCache
-from .data.images import image_under, load_rgb, norm_stats, to_tensor
+from .data.images import image_under, load_rgb, norm_stats
+from .data.processor import PROCESSOR_FILE
 from .data.llava import PromptBuilder, get_template
 from .errors import HTCError
 from .layout import left_pad
@@ -22,31 +23,33 @@ from .modeling import HTCForConditionalGeneration
 
 @dataclass
 class ImageEncoder:
-    """Turns image files into ``(pixel_values, q)`` for one model: the one place that does, for
-    ``compress`` / ``ask``, ``htc-vlm eval`` and the lmms-eval plugin."""
+    """Turns image files into ``(pixel_values, q)`` for one model, with the model's own image
+    processing (its ``preprocessor_config.json``): the one place that does, for ``compress`` /
+    ``ask`` / ``serve``, ``htc-vlm eval`` and the lmms-eval plugin."""
 
     model: HTCForConditionalGeneration
     features: object | None = None  # a FeatureStore
     tokenizer_vq: object | None = None  # a MultiGroupVQ
-    image_norm: str | None = None  # None: the model's (config.image_norm); another name is refused
-    resize: bool = False
+    image_norm: str | None = None  # None: the model's; another name is refused
+    resize: bool = False  # a model that takes images of one size only: resize others instead of refusing
     root: Path | None = None  # the folder image ids are relative to (question files, LLaVA data)
 
     def __post_init__(self):
-        trained = getattr(self.model.config, "image_norm", "half")
-        if self.image_norm is None:
-            self.image_norm = trained
-        norm_stats(self.image_norm)  # an unknown name fails here, before any image
-        if self.image_norm != trained:
-            raise HTCError(f"image normalisation {self.image_norm!r} given, but the model was trained with "
-                           f"{trained!r} (saved in its config.json): leave the option out")
+        own = self.model.image_processing
+        if self.image_norm is not None:
+            norm_stats(self.image_norm)  # an unknown name fails here, before any image
+            if self.image_norm != own.norm:
+                raise HTCError(f"image normalisation {self.image_norm!r} given, but the model was trained with "
+                               f"{own.norm or own.mean!r} (its {PROCESSOR_FILE}): leave the option out")
+        self.image_norm = own.norm
+        self.processing = own.squashing() if self.resize else own
         if self.model.config.needs_latents and self.features is None and self.tokenizer_vq is None:
             raise HTCError(f"compression={self.model.config.compression!r} needs q: pass --features (a feature "
                            f"store) or --vq (a tokenizer folder)")
 
     def load(self, path: Path):
-        """The image as the model's tower expects it (an HTCError names a bad file)."""
-        return load_rgb(path, self.model.config.vision_config.image_size, self.resize)
+        """The image, checked against the model's processing (an HTCError names a bad file)."""
+        return self.processing.check(load_rgb(path), str(path))
 
     def batch(self, ids: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(pixel_values, q) of images named by their ids below ``root`` (the store's keys too)."""
@@ -54,18 +57,21 @@ class ImageEncoder:
 
     def encode(self, paths: list[Path], imgs: list | None = None,
                keys: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(pixel_values, q) of ``paths``; pass ``imgs`` when they are already loaded and ``keys``
-        to look q up under other names than the file names."""
-        mean, std = norm_stats(self.image_norm)
+        """(pixel_values, q) of ``paths``; pass ``imgs`` (RGB images) when they are already loaded and
+        ``keys`` to look q up under other names than the file names. On the fly, the VQ tokenizer
+        sees the same geometry as the tower (padded / cropped as the processing says)."""
         imgs = imgs if imgs is not None else [self.load(p) for p in paths]
-        pix = torch.stack([to_tensor(i, mean, std) for i in imgs])
+        pix = self.processing.pixels(imgs)
         q = None
         if self.model.config.needs_latents:
             if self.features is not None:
                 q = self.features.batch(keys if keys is not None else [Path(p).name for p in paths])
             else:
                 s = self.tokenizer_vq.config.image_size
-                q = self.tokenizer_vq.q(torch.stack([to_tensor(i.resize((s, s))) for i in imgs]))
+                unit = self.processing.to_unit(pix)
+                if unit.shape[-1] != s:
+                    unit = torch.nn.functional.interpolate(unit, size=(s, s), mode="bicubic", antialias=True)
+                q = self.tokenizer_vq.q(unit)
         return pix, q
 
 

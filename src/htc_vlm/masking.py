@@ -30,25 +30,28 @@ import torch
 from .layout import IMAGE, PAD, TEXT
 
 
+def _allowed(qk, kk, qi, ki, sq, sk, compress: bool, isolated: bool):
+    """The rule itself, elementwise on broadcastable tensors: query / key kinds, positions and segments."""
+    allowed = (ki <= qi) & (kk != PAD)
+    if compress:
+        allowed = allowed & ~((qk == TEXT) & (kk == IMAGE))  # text sees the image only through voco
+        if isolated:
+            allowed = allowed & ~((qk == IMAGE) & (kk == IMAGE) & (qi != ki))
+    if sq is not None:  # packed records see the head (segment 0) and themselves
+        allowed = allowed & ((sk == 0) | (sk == sq))
+    return allowed | ((qk == PAD) & (qi == ki))
+
+
 def allowed_attention(kinds: torch.Tensor, compress: bool, vision_attention: str = "causal",
                       segments: torch.Tensor | None = None) -> torch.Tensor:
     """Which key each query may attend to, from the token kinds (B, T): bool (B, T, T).
 
     ``segments`` (B, T), for packed sequences: 0 marks the head (prefix, image block, voco), k > 0 the
     k-th packed record; a record sees the head and itself, never another record."""
-    t = kinds.shape[1]
-    idx = torch.arange(t, device=kinds.device)
-    causal = idx[None, :] <= idx[:, None]  # (T, T): key <= query
-    q, k = kinds[:, :, None], kinds[:, None, :]  # (B, T, 1), (B, 1, T)
-    allowed = causal & (k != PAD)
-    if compress:
-        allowed = allowed & ~((q == TEXT) & (k == IMAGE))  # text sees the image only through voco
-        if vision_attention == "isolated":
-            allowed = allowed & ~((q == IMAGE) & (k == IMAGE) & (idx[:, None] != idx[None, :]))
-    if segments is not None:
-        sq, sk = segments[:, :, None], segments[:, None, :]
-        allowed = allowed & ((sk == 0) | (sk == sq))
-    return allowed | ((q == PAD) & (idx[:, None] == idx[None, :]))
+    idx = torch.arange(kinds.shape[1], device=kinds.device)
+    seg = (segments[:, :, None], segments[:, None, :]) if segments is not None else (None, None)
+    return _allowed(kinds[:, :, None], kinds[:, None, :], idx[:, None], idx[None, :], *seg,
+                    compress, compress and vision_attention == "isolated")
 
 
 def attention_mask_4d(kinds: torch.Tensor, compress: bool, vision_attention: str, dtype: torch.dtype,
@@ -57,3 +60,32 @@ def attention_mask_4d(kinds: torch.Tensor, compress: bool, vision_attention: str
     allowed = allowed_attention(kinds, compress, vision_attention, segments)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=kinds.device)
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def mask_mod(kinds: torch.Tensor, compress: bool, vision_attention: str, segments: torch.Tensor | None = None):
+    """The rule as a flex_attention ``mask_mod(b, h, q_idx, kv_idx)`` reading the (B, T) kinds and
+    segments: no (B, T, T) tensor."""
+    isolated = compress and vision_attention == "isolated"
+    kinds = kinds.to(torch.int32)
+    segments = segments.to(torch.int32) if segments is not None else None
+
+    def rule(b, h, qi, ki):
+        seg = (segments[b, qi], segments[b, ki]) if segments is not None else (None, None)
+        return _allowed(kinds[b, qi], kinds[b, ki], qi, ki, *seg, compress, isolated)
+
+    return rule
+
+
+def block_mask(kinds: torch.Tensor, compress: bool, vision_attention: str, segments: torch.Tensor | None = None):
+    """The same mask as a ``flex_attention`` BlockMask, for ``attn_implementation="flex_attention"``.
+    On a GPU it is built from :func:`mask_mod` (compiled, per block), so no (B, 1, T, T) tensor is
+    kept and fully masked blocks (text x image) are skipped by the kernel. On a CPU it reads the dense
+    boolean table instead: inductor's CPU flex kernel does not compile the kinds look-ups (torch 2.13)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    b, t = kinds.shape
+    if kinds.is_cuda:
+        return create_block_mask(mask_mod(kinds, compress, vision_attention, segments), b, None, t, t,
+                                 device=kinds.device, _compile=True)
+    allowed = allowed_attention(kinds, compress, vision_attention, segments)  # (B, T, T)
+    return create_block_mask(lambda b_, h, qi, ki: allowed[b_, qi, ki], b, None, t, t, device=kinds.device)

@@ -32,9 +32,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .anchors import AnchorProjector
 from .cache import VisualCache
 from .configuration import HTCConfig
+from .data.processor import ImageProcessing
 from .errors import HTCError
 from .layout import IMAGE, PAD, VOCO, check_context, image_prompt_ids, positions, token_kinds
-from .masking import attention_mask_4d
+from .masking import attention_mask_4d, block_mask
 from .pooling import QFormerPooler
 from .vision import Projector, patch_features
 
@@ -65,7 +66,8 @@ class HTCPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _supports_sdpa = True  # custom 4D masks: sdpa and eager only
+    _supports_sdpa = True
+    _supports_flex_attn = True  # the mask then goes in as a BlockMask (masking.block_mask)
     _skip_keys_device_placement = ["past_key_values"]
 
     def _init_weights(self, module):
@@ -192,6 +194,14 @@ class HTCForConditionalGeneration(HTCPreTrainedModel, GenerationMixin):
 
     # ------------------------------------------------------------------ training forward (Eq. 9)
 
+    def _mask(self, kinds: torch.Tensor, dtype: torch.dtype, segments: torch.Tensor | None = None):
+        """M_hy for the language model's attention: a BlockMask under flex_attention, else the
+        additive (B, 1, T, T) mask in the model's dtype (masking.py)."""
+        c = self.config
+        if self.model.language_model.config._attn_implementation == "flex_attention":
+            return block_mask(kinds, c.compresses, c.vision_attention, segments)
+        return attention_mask_4d(kinds, c.compresses, c.vision_attention, dtype, segments)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -227,8 +237,7 @@ class HTCForConditionalGeneration(HTCPreTrainedModel, GenerationMixin):
             am = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
             kinds = token_kinds(input_ids, am, self.config)
             embeds = self.model.embed(input_ids, kinds, pixel_values, discrete_latents)
-            mask = attention_mask_4d(kinds, self.config.compresses, self.config.vision_attention, embeds.dtype,
-                                     segment_ids)
+            mask = self._mask(kinds, embeds.dtype, segment_ids)
             out = lm(inputs_embeds=embeds, attention_mask=mask,
                      position_ids=position_ids if position_ids is not None else positions(am),
                      past_key_values=past_key_values, use_cache=use_cache, **kwargs)
@@ -264,7 +273,7 @@ class HTCForConditionalGeneration(HTCPreTrainedModel, GenerationMixin):
         ids = torch.tensor(image_prompt_ids(self.config, prefix_ids), device=device).expand(b, -1)
         kinds = token_kinds(ids, None, self.config)
         embeds = self.model.embed(ids, kinds, pixel_values, discrete_latents)
-        mask = attention_mask_4d(kinds, self.config.compresses, self.config.vision_attention, embeds.dtype)
+        mask = self._mask(kinds, embeds.dtype)
         out = self.model.language_model(inputs_embeds=embeds, attention_mask=mask,
                                          position_ids=torch.arange(ids.shape[1], device=device).expand(b, -1),
                                          **lm_kwargs)
@@ -335,6 +344,7 @@ class HTCForConditionalGeneration(HTCPreTrainedModel, GenerationMixin):
         h = hashlib.sha256()
         c = self.config
         h.update(repr((c.compression, c.num_voco, c.num_image_tokens, c.vision_attention, c.fusion)).encode())
+        h.update(repr(sorted(self.image_processing.to_dict().items())).encode())  # other pixels, other caches
         for name, p in self.named_parameters():
             flat = p.detach().reshape(-1)
             k = min(64, flat.numel())
@@ -342,6 +352,28 @@ class HTCForConditionalGeneration(HTCPreTrainedModel, GenerationMixin):
             h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
             h.update(flat[idx].float().cpu().numpy().tobytes())
         return h.hexdigest()
+
+    @property
+    def image_processing(self) -> ImageProcessing:
+        """How this model's images become pixels: its folder's ``preprocessor_config.json`` when it
+        was loaded from one, else ``exact`` with ``config.image_norm`` (data/processor.py)."""
+        set_ = self.__dict__.get("_image_processing")
+        return set_ or ImageProcessing.named(self.config.vision_config.image_size, self.config.image_norm)
+
+    @image_processing.setter
+    def image_processing(self, value: ImageProcessing) -> None:
+        size = self.config.vision_config.image_size
+        if value.size != size:
+            raise HTCError(f"an image processing for {value.size} px images does not fit a {size} px vision tower")
+        self.__dict__["_image_processing"] = value
+        if value.norm is not None:
+            self.config.image_norm = value.norm
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' saving, plus the image processor (``preprocessor_config.json``)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            self.image_processing.save(save_directory)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -365,6 +397,9 @@ class HTCForConditionalGeneration(HTCPreTrainedModel, GenerationMixin):
             if lost:  # new modules of a method (voco, P_d) may start untrained; the language model may not
                 raise HTCError(f"the weights in {path} lack {len(lost)} language-model tensors (e.g. {lost[0]}): "
                                f"not a checkpoint of this model")
+            saved = ImageProcessing.load(path, model.config.vision_config.image_size)
+            if saved is not None:
+                model.image_processing = saved
             return (model, info) if wants_info else model
         raw = str(pretrained_model_name_or_path)
         if isinstance(pretrained_model_name_or_path, (str, Path)) and (
@@ -375,21 +410,43 @@ class HTCForConditionalGeneration(HTCPreTrainedModel, GenerationMixin):
     # ------------------------------------------------------------------ from an existing LLaVA
 
     @classmethod
-    def from_llava(cls, llava, voco_token_id: int, **config_overrides) -> "HTCForConditionalGeneration":
-        """An HTC model reusing a transformers ``LlavaForConditionalGeneration`` (instance or local path).
+    def from_llava(cls, llava, voco_token_id: int | None = None, tokenizer=None,
+                   **config_overrides) -> "HTCForConditionalGeneration":
+        """An HTC model reusing a transformers ``LlavaForConditionalGeneration`` (instance or local
+        folder in the llava-hf layout: config, safetensors shards and index, ``preprocessor_config.json``).
 
         The vision tower, projector, language model and LM head are copied unchanged; the anchor
-        projector and voco embeddings are freshly initialised. ``voco_token_id`` must be a token id
-        of the tokenizer (add ``<voco>`` to it first); ``config_overrides`` set HTC options
-        (``compression``, ``num_anchors``, ``discrete_channels``, ...).
+        projector and voco embeddings are freshly initialised. Give ``tokenizer`` (with ``<voco>``
+        added, :func:`htc_vlm.data.tokenizer.add_htc_tokens`): the embeddings grow to its length and
+        ``<voco>``'s id is read from it; or ``voco_token_id`` for a vocabulary that has it already.
+        The image processing is the folder's ``preprocessor_config.json`` (llava-hf: resize and
+        centre crop, CLIP normalisation). ``config_overrides`` set HTC options (``compression``,
+        ``num_anchors``, ``discrete_channels``, ...).
         """
         from transformers import LlavaForConditionalGeneration
 
+        folder = None
         if isinstance(llava, (str, Path)):
-            if not Path(llava).is_dir():
-                raise HTCError(f"{llava} is not a local LLaVA checkpoint folder")
-            llava = LlavaForConditionalGeneration.from_pretrained(llava)
+            folder = Path(llava)
+            if not folder.is_dir() or not (folder / "config.json").is_file():
+                raise HTCError(f"{llava} is not a local LLaVA checkpoint folder (no config.json); an original "
+                               f"LLaVA checkpoint (mm_projector.*) converts with `htc-vlm convert-llava`")
+            try:
+                llava = LlavaForConditionalGeneration.from_pretrained(folder)
+            except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
+                raise HTCError(f"cannot load the LLaVA checkpoint in {folder}: {type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''}") from e
         lc = llava.config
+        if tokenizer is not None:
+            vocab = tokenizer.get_vocab()
+            if "<voco>" not in vocab:
+                raise HTCError("the tokenizer has no <voco> token: add it first (htc_vlm.data.tokenizer.add_htc_tokens)")
+            if vocab.get("<image>") != lc.image_token_id:
+                raise HTCError(f"the tokenizer's <image> is id {vocab.get('<image>')}, the LLaVA checkpoint's "
+                               f"image_token_id is {lc.image_token_id}: use the checkpoint's own tokenizer")
+            voco_token_id = vocab["<voco>"]
+        if voco_token_id is None:
+            raise HTCError("from_llava needs the tokenizer (or voco_token_id)")
         if not isinstance(lc.vision_feature_layer, int):
             raise HTCError(f"LLaVA checkpoints with several vision feature layers are not supported ({lc.vision_feature_layer})")
         if lc.projector_hidden_act != "gelu":
@@ -407,4 +464,9 @@ class HTCForConditionalGeneration(HTCPreTrainedModel, GenerationMixin):
         if unexpected or left:
             raise HTCError(f"LLaVA weights do not map onto HTC: unexpected {unexpected[:5]}, missing {left[:5]}")
         model.set_attn_implementation(llava.config._attn_implementation)
+        if tokenizer is not None and len(tokenizer) > model.config.text_config.vocab_size:
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=True)  # <voco>'s row: never read
+        size = config.vision_config.image_size
+        saved = ImageProcessing.load(folder, size) if folder is not None else None
+        model.image_processing = saved or ImageProcessing.named(size, "clip", "crop")  # llava-hf's processor
         return model

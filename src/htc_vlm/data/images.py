@@ -107,15 +107,17 @@ def decode_image(data: bytes, name: str, size: int | None = None, resize: bool =
     return _read_rgb(lambda: io.BytesIO(data), name, size, resize, max_pixels)
 
 
-def check_header(path: str | Path, size: int | None = None, resize: bool = False) -> None:
-    """Cheap check before a long job: ``path`` is an image file (its header decodes) of the expected
-    size. Reads the header only, so a whole training set is checked in seconds; the pixels are
-    checked by :func:`load_rgb` when the image is used."""
+def check_header(path: str | Path, processing=None) -> None:
+    """Cheap check before a long job: ``path`` is an image file (its header decodes) that
+    ``processing`` (an :class:`~htc_vlm.data.processor.ImageProcessing`) takes. Reads the header
+    only, so a whole training set is checked in seconds; the pixels are checked by
+    :func:`load_rgb` when the image is used."""
     path = Path(path)
     with _decoding(path):
         with Image.open(path) as im:
             dims = im.size
-    _check_size(dims, size, resize, str(path))
+    if processing is not None:
+        processing.check_dims(dims, str(path))
 
 
 def image_under(root: str | Path, name: str) -> Path:

@@ -19,7 +19,8 @@ from torch.utils.data import Dataset
 from ..configuration import HTCConfig
 from ..errors import HTCError
 from ..layout import image_prompt_ids, left_pad
-from .images import check_header, image_under, load_rgb, norm_stats, to_tensor
+from .images import check_header, image_under, load_rgb
+from .processor import ImageProcessing
 
 IMAGE = "<image>"
 IGNORE = -100
@@ -27,19 +28,32 @@ IGNORE = -100
 
 @dataclass(frozen=True)
 class ChatTemplate:
-    """``{system} USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>`` (Vicuna v1)."""
+    """A conversation as LLaVA's ``SeparatorStyle.TWO`` writes it (llava/conversation.py)::
+
+        {system}{sep}USER: <image>\n{q1}{sep}ASSISTANT: {a1}{sep2}USER: {q2}{sep}ASSISTANT: {a2}{sep2}
+
+    ``sep2`` is the tokenizer's end-of-sequence token (``</s>``); the text is tokenized in two
+    pieces around the image block, as LLaVA's ``tokenizer_image_token`` does, and the labels are the
+    tokens of each answer and its ``sep2`` (LLaVA's ``preprocess_v1`` masking)."""
 
     system: str = ""
-    user: str = "USER:"
-    assistant: str = "ASSISTANT:"
+    user: str = "USER"
+    assistant: str = "ASSISTANT"
+    sep: str = " "
     add_bos: bool = False
+    image_newline: bool = False  # "<image>\n": a newline between the image block and the first question
+
+    def head_text(self) -> str:
+        return f"{self.system}{self.sep}{self.user}: " if self.system else f"{self.user}: "
 
 
 TEMPLATES = {
+    # The embedded default's: no system line, no BOS.
     "plain": ChatTemplate(),
+    # LLaVA-1.5 / Vicuna v1.5 (llava/conversation.py conv_vicuna_v1).
     "vicuna_v1": ChatTemplate(
-        system="A chat between a curious human and an artificial intelligence assistant. The assistant gives "
-               "helpful, detailed, and polite answers to the human's questions.", add_bos=True),
+        system="A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+               "helpful, detailed, and polite answers to the user's questions.", add_bos=True, image_newline=True),
 }
 
 
@@ -50,45 +64,70 @@ def get_template(name: str) -> ChatTemplate:
 
 
 class PromptBuilder:
-    """Token ids of prompts and conversations for one tokenizer, template and model config."""
+    """Token ids of prompts and conversations for one tokenizer, template and model config.
+
+    The text after the image block is tokenized as one piece (so a SentencePiece tokenizer sees the
+    spaces and ``</s>`` boundaries exactly as in LLaVA's training), and labels are found from the
+    tokens' character offsets, not from counting tokens of pieces."""
 
     def __init__(self, tokenizer, template: ChatTemplate, config: HTCConfig):
         self.tok, self.template, self.config = tokenizer, template, config
-        self._seen: dict[str, list[int]] = {}  # questions and answers repeat across records
+        self.eos_text = tokenizer.eos_token or ""
+        self._seen: dict[str, tuple[list[int], list[tuple[int, int]]]] = {}  # texts repeat across records
 
-    def _ids(self, text: str) -> list[int]:
+    def _encode(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """(ids, character spans) of ``text``, no special tokens added."""
         if len(self._seen) > 100_000:  # a long-lived builder (a server) sees unbounded texts
             self._seen.clear()
         if text not in self._seen:
-            self._seen[text] = self.tok(text, add_special_tokens=False)["input_ids"] if text else []
-        return list(self._seen[text])
+            if not text:
+                self._seen[text] = ([], [])
+            else:
+                enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+                self._seen[text] = (enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]])
+        ids, spans = self._seen[text]
+        return list(ids), list(spans)
+
+    def _ids(self, text: str) -> list[int]:
+        return self._encode(text)[0]
 
     def prefix_ids(self) -> list[int]:
         """The question-independent text before the image block (cached with it)."""
         bos = [self.tok.bos_token_id] if self.template.add_bos else []
-        return bos + self._ids(f"{self.template.system} {self.template.user}".strip())
+        return bos + self._ids(self.template.head_text())
 
-    def question_ids(self, question: str, first: bool = True) -> list[int]:
-        """A user turn up to the assistant tag; the first turn's user tag lives in the prefix."""
-        user = "" if first else f"{self.template.user} "
-        return self._ids(f"{user}{question.strip()} {self.template.assistant}")
+    def _turn_text(self, question: str, first: bool, with_image: bool) -> str:
+        t = self.template
+        lead = ("\n" if t.image_newline and with_image else "") if first else f"{t.user}: "
+        return f"{lead}{question.strip()}{t.sep}{t.assistant}:"
+
+    def question_ids(self, question: str, first: bool = True, with_image: bool = True) -> list[int]:
+        """A user turn up to the assistant tag; the first turn's user tag lives in the prefix. A later
+        turn is tokenized after ``</s>``, as it follows the previous answer in a conversation."""
+        text = self._turn_text(question, first, with_image)
+        if first or not self.eos_text:
+            return self._ids(text)
+        ids, spans = self._encode(self.eos_text + text)
+        return [i for i, (a, _) in zip(ids, spans) if a >= len(self.eos_text)]
 
     def prompt_ids(self, question: str, with_image: bool = True) -> list[int]:
         """A whole single-question prompt: prefix, image block + voco, question, assistant tag."""
-        return self.head_ids(with_image) + self.question_ids(question)
+        return self.head_ids(with_image) + self.question_ids(question, with_image=with_image)
 
-    def turns_ids(self, turns: list[dict], name: str) -> tuple[list[int], list[int]]:
+    def turns_ids(self, turns: list[dict], name: str, with_image: bool = True) -> tuple[list[int], list[int]]:
         """(input_ids, labels) of the turns alone, as they follow the prompt head; labels only on answers
         and their end token."""
-        ids, labels = [], []
+        text, answers = "", []  # answers: character spans [start, end) of each answer and its sep2
         for i in range(0, len(turns) - 1, 2):
             q, a = turns[i], turns[i + 1]
             if q.get("from") != "human" or a.get("from") != "gpt":
                 raise HTCError(f"sample {name}: turns must alternate human / gpt, got {q.get('from')} / {a.get('from')}")
-            qi = self.question_ids(q["value"].replace(IMAGE, "").strip(), first=i == 0)
-            ai = self._ids(" " + a["value"].strip()) + [self.tok.eos_token_id]
-            ids += qi + ai
-            labels += [IGNORE] * len(qi) + ai
+            text += self._turn_text(q["value"].replace(IMAGE, "").strip(), i == 0, with_image)
+            start = len(text)  # the space after "ASSISTANT:" belongs to the answer (SentencePiece's "▁red")
+            text += " " + a["value"].strip() + self.eos_text
+            answers.append((start, len(text)))
+        ids, spans = self._encode(text)
+        labels = [i if any(s < b and a < e for a, b in answers) else IGNORE for i, (s, e) in zip(ids, spans)]
         return ids, labels
 
     def head_ids(self, with_image: bool) -> list[int]:
@@ -97,7 +136,7 @@ class PromptBuilder:
     def conversation(self, turns: list[dict], with_image: bool, name: str) -> tuple[list[int], list[int]]:
         """(input_ids, labels) of a conversation: the head (prefix, image block, voco), then the turns."""
         head = self.head_ids(with_image)
-        ids, labels = self.turns_ids(turns, name)
+        ids, labels = self.turns_ids(turns, name, with_image)
         return head + ids, [IGNORE] * len(head) + labels
 
 
@@ -128,14 +167,15 @@ class LlavaDataset(Dataset):
     """
 
     def __init__(self, json_path: str | Path, images: str | Path, tokenizer, config: HTCConfig,
-                 template: str = "plain", features=None, max_length: int = 2048, image_norm: str = "half",
-                 resize: bool = False, pack_by_image: bool = False):
+                 template: str = "plain", features=None, max_length: int = 2048,
+                 processing: ImageProcessing | None = None, pack_by_image: bool = False):
         self.records = json.loads(Path(json_path).read_text())
         self.images = Path(images)
         self.builder = PromptBuilder(tokenizer, get_template(template), config)
         self.config, self.features, self.max_length = config, features, max_length
-        self.norm = norm_stats(image_norm)
-        self.resize, self.packed = resize, pack_by_image
+        # how the images become pixels: the model's processor (its preprocessor_config.json)
+        self.processing = processing or ImageProcessing.named(config.vision_config.image_size, config.image_norm)
+        self.packed = pack_by_image
         needs_q = config.needs_latents
         if needs_q and features is None:
             raise HTCError(f"compression={config.compression!r} needs a discrete feature store (data.features)")
@@ -146,7 +186,7 @@ class LlavaDataset(Dataset):
             if "image" in rec and rec["image"] not in found:
                 found.add(rec["image"])
                 try:
-                    check_header(image_under(self.images, rec["image"]), config.vision_config.image_size, resize)
+                    check_header(image_under(self.images, rec["image"]), self.processing)
                 except HTCError as e:
                     raise HTCError(f"sample {name}: {e}") from e
                 if needs_q and rec["image"] not in features:
@@ -183,8 +223,8 @@ class LlavaDataset(Dataset):
                 + head * ("image" in self.records[item[0]]) for item in self.items]
 
     def _image(self, rec: dict) -> dict:
-        size = self.config.vision_config.image_size
-        out = {"pixel_values": to_tensor(load_rgb(image_under(self.images, rec["image"]), size, resize=self.resize), *self.norm)}
+        path = image_under(self.images, rec["image"])
+        out = {"pixel_values": self.processing.pixels([self.processing.check(load_rgb(path), str(path))])[0]}
         if self.features is not None and self.config.needs_latents:
             out["discrete_latents"] = self.features[rec["image"]]
         return out

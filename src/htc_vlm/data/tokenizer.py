@@ -42,3 +42,16 @@ def save_tokenizer(path: str | Path, texts: list[str] | None = None) -> PreTrain
     tok = build_tokenizer(texts)
     tok.save_pretrained(str(path))
     return tok
+
+
+def add_htc_tokens(tokenizer) -> list[str]:
+    """Make a language model's own tokenizer (Vicuna's, llava-hf's) ready for htc-vlm: ``<image>``
+    and ``<voco>`` are added as special tokens where missing, and a tokenizer without a padding token
+    pads with ``<unk>`` as LLaVA's v1 training does. Returns what was added (the model's embeddings
+    must then grow to ``len(tokenizer)``: ``model.resize_token_embeddings``)."""
+    missing = [t for t in (IMAGE_TOKEN, VOCO_TOKEN) if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return missing

@@ -16,7 +16,7 @@ from lmms_eval.api.model import lmms
 from lmms_eval.models.registry_v2 import ModelManifest
 from transformers import AutoTokenizer
 
-from ..data.images import fit, to_rgb
+from ..data.images import to_rgb
 from ..data.llava import PromptBuilder, get_template
 from ..errors import HTCError
 from ..inference import ImageEncoder
@@ -30,7 +30,7 @@ class HTCLmms(lmms):
     is_simple = True
 
     def __init__(self, pretrained: str, method: str = "model", vq: str | None = None, features: str | None = None,
-                 template: str = "plain", image_norm: str | None = None, resize: bool = True, max_new_tokens: int = 32,
+                 template: str | None = None, image_norm: str | None = None, resize: bool = True, max_new_tokens: int = 32,
                  **kwargs):
         super().__init__()
         from ..vq.model import MultiGroupVQ
@@ -44,7 +44,8 @@ class HTCLmms(lmms):
         store = FeatureStore(features, expected_dim=self.model.config.discrete_dim) if features else None
         self.encoder = ImageEncoder(self.model, store, MultiGroupVQ.load(vq) if vq else None, image_norm,
                                     str(resize).lower() in ("1", "true", "yes"))
-        self.builder = PromptBuilder(self.tok, get_template(template), self.model.config)
+        self.builder = PromptBuilder(self.tok, get_template(template or self.model.config.chat_template),
+                                     self.model.config)
         self.max_new_tokens = int(max_new_tokens)
         self._caches: dict[tuple, object] = {}
 
@@ -55,8 +56,7 @@ class HTCLmms(lmms):
             visuals = doc_to_visual(self.task_dict[task][split][doc_id])
             if not visuals:
                 raise HTCError(f"{task}/{split}/{doc_id}: no image; htc-vlm answers about one image")
-            size = self.model.config.vision_config.image_size
-            img = fit(to_rgb(visuals[0]), size, self.encoder.resize, f"{task}/{split}/{doc_id}")
+            img = self.encoder.processing.check(to_rgb(visuals[0]), f"{task}/{split}/{doc_id}")
             pix, q = self.encoder.encode([f"{task}/{split}/{doc_id}"], [img])
             self._caches[key] = self.model.compress(pix, q, prefix_ids=self.builder.prefix_ids())
         return self._caches[key]

@@ -208,10 +208,9 @@ def run_eval(model, tokenizer, benchmark: str, questions_file: str | Path, image
     if not done:
         atomic_write_bytes(out / KEY_FILE, (json.dumps(key, indent=1) + "\n").encode())
     todo = [r for r in rows if r["question_id"] not in done]
-    size = model.config.vision_config.image_size
     for name, qid in {r["image"]: r["question_id"] for r in reversed(todo)}.items():  # each image, its first question
         try:
-            check_header(image_under(images, name), size, resize)
+            check_header(image_under(images, name), source.processing)
         except HTCError as e:
             raise HTCError(f"question {qid!r}: {e}") from e
 

@@ -52,6 +52,10 @@ class QuestionAwareVLM:
     def eval(self):
         return self
 
+    @property
+    def image_processing(self):
+        return self.model.image_processing
+
     def fingerprint(self) -> str:
         """The weights' fingerprint and this method's settings (what makes its answers)."""
         settings = (type(self).__name__, self.budget, self.score_layers, sorted(getattr(self, "counts", {}).items()))

@@ -178,9 +178,9 @@ class Engine:
         return image_id, cache, True
 
     def _compress(self, data: bytes) -> VisualCache:
-        size = self.model.config.vision_config.image_size
         try:
-            img = decode_image(data, "the image", size, resize=True, max_pixels=self.limits.max_image_pixels)
+            img = self.encoder.processing.check(
+                decode_image(data, "the image", max_pixels=self.limits.max_image_pixels), "the image")
         except HTCError as e:
             raise ServeError(str(e), 400, "image_url", "invalid_image") from None
         pix, q = self.encoder.encode([None], [img])

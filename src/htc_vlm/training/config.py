@@ -15,6 +15,7 @@ import yaml
 
 from ..configuration import FUSIONS, VISION_ATTENTIONS
 from ..data.images import IMAGE_NORMS
+from ..data.processor import ASPECTS
 from ..data.llava import TEMPLATES
 from ..errors import HTCError
 
@@ -49,11 +50,15 @@ class DataSpec:
     images: str = ""  # image folder; records' "image" fields are relative to it
     scenes: str | None = None  # vision stage: scenes.jsonl with the ground-truth objects
     features: str | None = None  # discrete feature store (htc / discrete)
-    tokenizer: str = ""  # a transformers tokenizer folder with <image> and <voco>
+    tokenizer: str | None = None  # a tokenizer folder (<image> / <voco> are added if missing); unset: model.llava's
     template: str = "plain"  # plain / vicuna_v1
     max_length: int = 1024
-    image_norm: str = "half"  # half: [-1, 1]; clip: CLIP mean / std
-    resize: bool = False  # resize images to the tower's size (real data) instead of refusing
+    # How images become pixels (data/processor.py). Unset: the starting checkpoint's processor (its
+    # preprocessor_config.json: model.init, model.llava, or model.vision_tower when built from parts),
+    # else exact-size images in [-1, 1]. Set, they replace the checkpoint's (the new model saves them).
+    image_norm: str | None = None  # half: [-1, 1]; clip: CLIP mean / std
+    image_aspect_ratio: str | None = None  # exact / resize / crop (llava-hf) / pad (LLaVA-1.5)
+    resize: bool = False  # short for image_aspect_ratio=resize (images of other sizes are squashed)
     # One sequence per image holding all its records, each seeing the image block but not the others
     # (exactly as if alone): the image is run once per epoch instead of once per question.
     pack_by_image: bool = False
@@ -139,6 +144,7 @@ class TrainConfig:
                                    ("model.fusion", m.fusion, FUSIONS),
                                    ("model.attn_implementation", m.attn_implementation, ("sdpa", "eager")),
                                    ("data.image_norm", d.image_norm, tuple(IMAGE_NORMS)),
+                                   ("data.image_aspect_ratio", d.image_aspect_ratio, ASPECTS),
                                    ("data.template", d.template, tuple(TEMPLATES))):
             if value is not None and value not in known:
                 raise HTCError(f"unknown {name} {value!r}; known: {', '.join(known)}")

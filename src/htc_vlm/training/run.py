@@ -25,7 +25,10 @@ import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from ..data.images import norm_stats
 from ..data.llava import Collator, LlavaDataset
+from ..data.processor import ImageProcessing
+from ..data.tokenizer import add_htc_tokens
 from ..errors import HTCError
 from ..io import atomic_dir
 from ..modeling import HTCForConditionalGeneration
@@ -104,6 +107,23 @@ def _rank0() -> bool:
 # ---------------------------------------------------------------------- models per stage
 
 
+def load_tokenizer(cfg: TrainConfig):
+    """``data.tokenizer``, else the tokenizer saved with ``model.llava`` (an llava-hf folder), with
+    ``<image>`` / ``<voco>`` added where missing (the model's embeddings grow to match)."""
+    folder = cfg.data.tokenizer or cfg.model.llava
+    if not folder or not Path(folder).is_dir():
+        raise HTCError(f"data.tokenizer {cfg.data.tokenizer!r} is not a tokenizer folder"
+                       + ("" if cfg.data.tokenizer else " (set it, or model.llava to a folder with a tokenizer)"))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError) as e:
+        raise HTCError(f"no readable tokenizer in {folder} ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+    added = add_htc_tokens(tokenizer)
+    if added and _rank0():
+        print(f"tokenizer {folder}: added {', '.join(added)} (ids {tokenizer.convert_tokens_to_ids(added)})")
+    return tokenizer
+
+
 def _load_htc(cfg: TrainConfig, tokenizer) -> HTCForConditionalGeneration:
     m = cfg.model
     attn = {"attn_implementation": m.attn_implementation}
@@ -118,8 +138,7 @@ def _load_htc(cfg: TrainConfig, tokenizer) -> HTCForConditionalGeneration:
             model.resize_voco(num_voco)
         return model
     if m.llava:
-        voco = tokenizer.convert_tokens_to_ids("<voco>")
-        return HTCForConditionalGeneration.from_llava(m.llava, voco_token_id=voco, **m.overrides())
+        return HTCForConditionalGeneration.from_llava(m.llava, tokenizer=tokenizer, **m.overrides())
     # From parts: the architecture's config, a pretrained tower, optionally a pretrained LM.
     if not m.vision_tower:
         raise HTCError("a model built from parts needs model.vision_tower (a pretrained tower folder): "
@@ -128,6 +147,9 @@ def _load_htc(cfg: TrainConfig, tokenizer) -> HTCForConditionalGeneration:
     config = build_config(m.arch, tokenizer, vision_config=tower.config, **m.overrides())
     model = HTCForConditionalGeneration(config)
     model.model.vision_tower.load_state_dict(tower.state_dict())
+    own = ImageProcessing.load(m.vision_tower, config.vision_config.image_size)  # e.g. CLIP's processor
+    if own is not None:
+        model.image_processing = own
     if m.language_model:
         lm = AutoModelForCausalLM.from_pretrained(m.language_model)
         lm.resize_token_embeddings(len(tokenizer))
@@ -135,6 +157,20 @@ def _load_htc(cfg: TrainConfig, tokenizer) -> HTCForConditionalGeneration:
         model.lm_head.load_state_dict(lm.lm_head.state_dict())
     model.set_attn_implementation(m.attn_implementation)
     return model
+
+
+def image_processing(cfg: TrainConfig, model: HTCForConditionalGeneration) -> ImageProcessing:
+    """The stage's image processing: the starting checkpoint's, with what ``data`` sets replacing it."""
+    d, own = cfg.data, model.image_processing
+    aspect = d.image_aspect_ratio or ("resize" if d.resize else None)
+    if d.image_norm is None and aspect is None:
+        return own
+    mean, std = norm_stats(d.image_norm) if d.image_norm else (own.mean, own.std)
+    new = ImageProcessing(own.size, aspect or own.aspect, mean, std)
+    if new != own and _rank0() and (cfg.model.init or cfg.model.llava):
+        print(f"image processing: {own.aspect} / {own.norm or own.mean} of the checkpoint replaced by "
+              f"{new.aspect} / {new.norm or new.mean} (data.image_aspect_ratio / data.image_norm)")
+    return new
 
 
 def freeze_for_stage(model: HTCForConditionalGeneration, cfg: TrainConfig) -> list[str]:
@@ -194,12 +230,11 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> Path:
     callbacks = [CommitMarker()] + list(callbacks or [])
     if cfg.stage == "vision":
         return _train_vision(cfg, callbacks)
-    if not cfg.data.tokenizer or not Path(cfg.data.tokenizer).is_dir():
-        raise HTCError(f"data.tokenizer {cfg.data.tokenizer!r} is not a tokenizer folder")
-    tokenizer = AutoTokenizer.from_pretrained(cfg.data.tokenizer)
+    tokenizer = load_tokenizer(cfg)
     torch.manual_seed(cfg.optim.seed)
     model = _load_htc(cfg, tokenizer)
-    model.config.image_norm = cfg.data.image_norm  # saved with every checkpoint: how to feed the tower
+    model.image_processing = image_processing(cfg, model)  # saved with every checkpoint: how to feed the tower
+    model.config.chat_template = cfg.data.template  # and the prompts it learns
     if cfg.stage == "compress" and model.config.compression_spec.uncompressed:
         from ..methods.compression import COMPRESSIONS
 
@@ -218,7 +253,7 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> Path:
     def dataset(path: str) -> LlavaDataset:
         d = cfg.data
         return LlavaDataset(path, d.images, tokenizer, model.config, d.template, features, d.max_length,
-                            d.image_norm, d.resize, d.pack_by_image)
+                            model.image_processing, d.pack_by_image)
 
     data = dataset(cfg.data.conversations)
     val = None

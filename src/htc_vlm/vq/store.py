@@ -129,24 +129,28 @@ def _batch_key(tokenizer_key: str, root: Path, files: list[Path]) -> str:
 
 
 def encode_folder(tokenizer, images_dir: str | Path, batch_size: int = 64, progress=None,
-                  work: str | Path | None = None, tokenizer_key: str = "") -> tuple[dict, list[str]]:
+                  work: str | Path | None = None, tokenizer_key: str = "",
+                  aspect: str = "exact") -> tuple[dict, list[str]]:
     """q of every image below ``images_dir``, keyed by its path relative to the folder (the
     ``image`` field of LLaVA files). Returns the features and the files that failed, with why.
+    ``aspect`` is the geometry of data/processor.py: ``exact`` refuses images of another size than
+    the tokenizer's; ``pad`` / ``crop`` / ``resize`` bring any image to it as the model's tower sees it.
 
     With ``work``, each finished batch is kept there (one safetensors file, written atomically, keyed by
     ``tokenizer_key`` and its files' paths, sizes and times), and a batch found there with the same key
     is read instead of encoded again: a killed run, started again, resumes."""
-    from ..data.images import image_under, list_images, load_rgb, to_tensor
+    from ..data.images import image_under, list_images, load_rgb
+    from ..data.processor import ImageProcessing
 
     root = Path(images_dir)
     files = list_images(root, recursive=True)
     features, failed = {}, []
-    size = tokenizer.config.image_size
+    geometry = ImageProcessing(tokenizer.config.image_size, aspect)  # [-1, 1], the tokenizer's input
     for i in range(0, len(files), batch_size):
         batch = files[i:i + batch_size]
         done = None
         if work is not None:
-            key = _batch_key(tokenizer_key, root, batch)
+            key = _batch_key(f"{tokenizer_key}:{aspect}", root, batch)
             done = Path(work) / f"batch-{i // batch_size:06d}.safetensors"
             kept = _read_batch(done, key)
             if kept is not None:
@@ -159,7 +163,7 @@ def encode_folder(tokenizer, images_dir: str | Path, batch_size: int = 64, progr
         for f in batch:
             try:
                 image_under(root, f.relative_to(root).as_posix())  # a symlink pointing out is not read
-                chunk.append(to_tensor(load_rgb(f, size)))
+                chunk.append(geometry.pixels([geometry.check(load_rgb(f), str(f))])[0])
                 ids.append(f.relative_to(root).as_posix())
             except HTCError as e:
                 bad.append(str(e))

@@ -2,9 +2,11 @@
 
 Writes a synthetic file of the shape of ``llava_v1_5_mix665k.json`` (665,298 records, multi-turn,
 most with an image, many records per image) and small image files, then times what
-``htc-vlm train`` does before its first step, each part on its own line: reading the JSON, building
+``htc-vlm train`` does before its first step, each part on its own line: building
 :class:`~htc_vlm.data.llava.LlavaDataset` (every record and image header checked), the lengths for
-length-grouped batches, and the first batch of 16 items.
+length-grouped batches, and the first batch of 16 items; once as a first start (the JSON parsed and
+indexed, data/records.py) and once as a restart (another stage, a resumed run: the index read, the
+images stat-ed instead of opened).
 
     python benchmarks/llava665k_startup.py [--records 665298] [--images 120000] [--out /tmp/llava665k]
         [--pack]
@@ -84,24 +86,31 @@ def main() -> None:
     config = build_config("tiny", tok, vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64,
                           num_hidden_layers=1, num_attention_heads=4, image_size=64, patch_size=16),
                           compression="voco")
-    times = {}
-    start = time.perf_counter()
-    ds = LlavaDataset(data, a.out / "images", tok, config, max_length=2048,
-                      processing=ImageProcessing.named(64), pack_by_image=a.pack)
-    times["dataset (read + check every record and image)"] = time.perf_counter() - start
-    t = time.perf_counter()
-    lengths = ds.lengths()
-    times["lengths (length-grouped sampler)"] = time.perf_counter() - t
-    t = time.perf_counter()
-    batch = Collator(tok.pad_token_id)([ds[i] for i in range(16)])
-    times["first batch of 16"] = time.perf_counter() - t
-    total = time.perf_counter() - start
-    print(f"{len(ds.records):,} records, {len(ds):,} items, {torch.get_num_threads()} threads; "
-          f"batch {tuple(batch['input_ids'].shape)}, max length {max(lengths)}")
-    for k, v in times.items():
-        print(f"  {k:<48} {v:7.1f} s")
-    print(f"  {'time to the first step':<48} {total:7.1f} s")
+    import os
+    import shutil
+    import tempfile
 
+    os.environ["HTC_VLM_CACHE"] = cache = tempfile.mkdtemp(prefix="htc-cache-")  # a first start, then a restart
+    print(f"{torch.get_num_threads()} threads, {os.cpu_count()} cores")
+    for start_kind in ("first start (parse, check, write the index)", "restart (the index, images stat-ed)"):
+        times = {}
+        start = time.perf_counter()
+        ds = LlavaDataset(data, a.out / "images", tok, config, max_length=2048,
+                          processing=ImageProcessing.named(64), pack_by_image=a.pack)
+        times["dataset (records and images checked)"] = time.perf_counter() - start
+        t = time.perf_counter()
+        lengths = ds.lengths()
+        times["lengths (length-grouped sampler)"] = time.perf_counter() - t
+        t = time.perf_counter()
+        batch = Collator(tok.pad_token_id)([ds[i] for i in range(16)])
+        times["first batch of 16"] = time.perf_counter() - t
+        total = time.perf_counter() - start
+        print(f"{start_kind}: {len(ds.records):,} records, {len(ds.records.images):,} images, {len(ds):,} items; "
+              f"batch {tuple(batch['input_ids'].shape)}, max length {max(lengths)}")
+        for k, v in times.items():
+            print(f"  {k:<48} {v:7.1f} s")
+        print(f"  {'time to the first step':<48} {total:7.1f} s")
+    shutil.rmtree(cache, ignore_errors=True)
 
 if __name__ == "__main__":
     main()

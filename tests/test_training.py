@@ -358,3 +358,61 @@ def test_the_image_normalisation_is_saved_with_the_model_and_used_everywhere(ins
                  str(run / "scenes" / "test" / "open.jsonl"), "--images", str(run / "scenes" / "images"),
                  "--out", str(tmp_path / "ev"), "--image-norm", "half"]) == 2
     assert "the model was trained with 'clip'" in capsys.readouterr().err
+
+
+def test_a_large_conversation_file_is_indexed_once_and_its_checked_images_remembered(scenes_dir, tmp_path,
+                                                                                     monkeypatch):
+    """A LLaVA-665k-sized file (here: any file, the size threshold set to 0) is parsed and checked
+    once; a later start reads the index instead of the JSON and stats the images instead of opening
+    them, with the same items; a changed image is checked again, a broken index is rebuilt."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    import htc_vlm.data.llava as llava
+    import htc_vlm.data.records as records
+    from htc_vlm.data.llava import LlavaDataset
+    from htc_vlm.presets import build_config
+
+    monkeypatch.setenv("HTC_VLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(records, "INDEX_BYTES", 0)
+    images = tmp_path / "images"
+    shutil.copytree(scenes_dir / "images", images)
+    tok = AutoTokenizer.from_pretrained(scenes_dir / "tokenizer")
+    config = build_config("tiny", tok, compression="voco")
+    data = scenes_dir / "train" / "conversations.json"
+    plain = LlavaDataset(data, images, tok, config)
+    assert plain.records.cache is not None and (plain.records.cache / "index.safetensors").exists()
+
+    opened = []
+    real = llava.first_bad_image
+    monkeypatch.setattr(llava, "first_bad_image", lambda root, names, *a: opened.extend(names) or real(root, names, *a))
+    monkeypatch.setattr(records.Records, "_parse", lambda self: pytest.fail("the JSON was parsed again"))
+    again = LlavaDataset(data, images, tok, config)
+    assert opened == [] and len(again) == len(plain) and again.lengths() == plain.lengths()
+    for i in (0, 7, len(plain) - 1):
+        assert again.records[i] == json.loads(data.read_text())[i]
+        assert torch.equal(again[i]["input_ids"], plain[i]["input_ids"])
+    name = again.records.images[3]
+    (images / name).write_bytes(b"not a png")  # changed since its check: opened again, and refused by name
+    with pytest.raises(HTCError, match=f"record .*cannot decode image .*{name}"):
+        LlavaDataset(data, images, tok, config)
+    assert opened == [name]
+    monkeypatch.undo()
+    monkeypatch.setenv("HTC_VLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(records, "INDEX_BYTES", 0)
+    (again.records.cache / "index.safetensors").write_bytes(b"broken")
+    shutil.copy(scenes_dir / "images" / name, images / name)
+    rebuilt = LlavaDataset(data, images, tok, config)
+    assert rebuilt.lengths() == plain.lengths()
+
+
+def test_record_spans_are_byte_ranges_of_the_file_whatever_the_characters():
+    from htc_vlm.data.records import _decode_with_spans
+
+    recs = [{"id": "é", "v": "日本語 🙂"}, {"id": 2, "v": [1, {"x": "\\u00e9"}]}, {}]
+    text = " [\n " + " ,\n\t".join(json.dumps(r, ensure_ascii=False) for r in recs) + " ] \n"
+    got, spans = _decode_with_spans(text)
+    raw = text.encode()
+    assert got == recs and [json.loads(raw[a:b]) for a, b in spans] == recs
+    assert _decode_with_spans("[]")[0] == []

@@ -9,17 +9,20 @@ expands to ``config.num_image_tokens`` placeholders followed by ``num_voco`` voc
 
 from __future__ import annotations
 
-import json
+import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from ..configuration import HTCConfig
 from ..errors import HTCError
 from ..layout import image_prompt_ids, left_pad
-from .images import check_header, image_under, load_rgb
+from .images import first_bad_image, image_under, load_rgb
+from .records import Records
 from .processor import ImageProcessing
 
 IMAGE = "<image>"
@@ -141,6 +144,10 @@ class PromptBuilder:
 
 
 def check_record(rec: dict, name: str) -> None:
+    if not isinstance(rec, dict):
+        raise HTCError(f"sample {name}: not a JSON object")
+    if "image" in rec and not (isinstance(rec["image"], str) and rec["image"]):
+        raise HTCError(f"sample {name}: image field {rec['image']!r} is not a file name")
     turns = rec.get("conversations")
     if not isinstance(turns, list) or len(turns) < 2:
         raise HTCError(f"sample {name}: needs a 'conversations' list of at least one human / gpt pair")
@@ -169,7 +176,7 @@ class LlavaDataset(Dataset):
     def __init__(self, json_path: str | Path, images: str | Path, tokenizer, config: HTCConfig,
                  template: str = "plain", features=None, max_length: int = 2048,
                  processing: ImageProcessing | None = None, pack_by_image: bool = False):
-        self.records = json.loads(Path(json_path).read_text())
+        self.records = Records(json_path, check_record)  # each record checked; LLaVA-665k: indexed once
         self.images = Path(images)
         self.builder = PromptBuilder(tokenizer, get_template(template), config)
         self.config, self.features, self.max_length = config, features, max_length
@@ -179,19 +186,45 @@ class LlavaDataset(Dataset):
         needs_q = config.needs_latents
         if needs_q and features is None:
             raise HTCError(f"compression={config.compression!r} needs a discrete feature store (data.features)")
-        found: set[str] = set()
-        for i, rec in enumerate(self.records):
-            name = f"{rec.get('id', i)!r} (record {i} of {json_path})"
-            check_record(rec, name)
-            if "image" in rec and rec["image"] not in found:
-                found.add(rec["image"])
-                try:
-                    check_header(image_under(self.images, rec["image"]), self.processing)
-                except HTCError as e:
-                    raise HTCError(f"sample {name}: {e}") from e
-                if needs_q and rec["image"] not in features:
-                    raise HTCError(f"sample {name}: image id {rec['image']!r} is not in the feature store {features.path}")
+        names, image_of = self.records.images, self.records.image_of
+        with_image = np.flatnonzero(image_of >= 0)
+        first = with_image[np.unique(image_of[with_image], return_index=True)[1]]  # image k's first record
+
+        def fail(k: int, why: str):
+            i = int(first[k])
+            raise HTCError(f"sample {self.records[i].get('id', i)!r} (record {i} of {json_path}): {why}")
+
+        bad = self._check_images(names)
+        if bad is not None:
+            fail(*bad)
+        if needs_q:
+            missing = next((k for k, n in enumerate(names) if n not in features), None)
+            if missing is not None:
+                fail(missing, f"image id {names[missing]!r} is not in the feature store {features.path}")
         self.items = self._pack() if pack_by_image else [[i] for i in range(len(self.records))]
+
+    def _check_images(self, names: list[str]) -> tuple[int, str] | None:
+        """(index, error) of the first image that fails its header check, or None. For an indexed file
+        the images that passed before, unchanged since (size, time, inode), are not opened again."""
+        if self.records.cache is None:
+            return first_bad_image(self.images, names, self.processing)
+        key = hashlib.sha256(f"{self.images.resolve()}:{sorted(self.processing.to_dict().items())}".encode()).hexdigest()[:12]
+        passed = self.records.passed_images(key)
+
+        def identity(name):
+            try:
+                st = os.stat(self.images / name)
+                return (st.st_size, st.st_mtime_ns, st.st_ino)
+            except (OSError, ValueError):
+                return None
+
+        ids = [identity(n) for n in names]
+        todo = [k for k, n in enumerate(names) if ids[k] is None or passed.get(n) != ids[k]]
+        bad = first_bad_image(self.images, [names[k] for k in todo], self.processing)
+        if bad is not None:
+            return todo[bad[0]], bad[1]
+        self.records.remember_passed(key, {n: ids[k] for k, n in enumerate(names)})
+        return None
 
     def _pack(self) -> list[list[int]]:
         """Record indices per item: records of one image together (in file order, a new item whenever
@@ -219,8 +252,8 @@ class LlavaDataset(Dataset):
         """Approximate lengths (words of every turn, plus the image block) for length-grouped batches,
         computed without loading an image."""
         head = len(self.builder.head_ids(True))
-        return [sum(len(t.get("value", "").split()) for r in item for t in self.records[r]["conversations"])
-                + head * ("image" in self.records[item[0]]) for item in self.items]
+        words, image_of = self.records.words, self.records.image_of
+        return [int(sum(words[r] for r in item)) + head * int(image_of[item[0]] >= 0) for item in self.items]
 
     def _image(self, rec: dict) -> dict:
         path = image_under(self.images, rec["image"])

@@ -416,3 +416,24 @@ def test_record_spans_are_byte_ranges_of_the_file_whatever_the_characters():
     raw = text.encode()
     assert got == recs and [json.loads(raw[a:b]) for a, b in spans] == recs
     assert _decode_with_spans("[]")[0] == []
+
+
+def test_image_checks_in_worker_processes_report_the_first_bad_image(scenes_dir, tmp_path, monkeypatch):
+    """Large sets are checked by a process pool in chunks; the answer is the first bad image in the
+    given order, as in one process."""
+    import shutil
+
+    import htc_vlm.data.images as images_mod
+    from htc_vlm.data.processor import ImageProcessing
+
+    names = sorted(p.name for p in (scenes_dir / "images").iterdir())[:9]
+    for n in names:
+        shutil.copy(scenes_dir / "images" / n, tmp_path / n)
+    (tmp_path / names[7]).write_bytes(b"broken")
+    (tmp_path / names[4]).write_bytes(b"broken too")
+    monkeypatch.setattr(images_mod, "PARALLEL_FROM", 0)
+    exact = ImageProcessing.named(48)
+    for workers in (1, 2):
+        k, why = images_mod.first_bad_image(tmp_path, names, exact, workers=workers, chunk=2)
+        assert k == 4 and names[4] in why
+    assert images_mod.first_bad_image(tmp_path, names[:4], exact, workers=2, chunk=2) is None

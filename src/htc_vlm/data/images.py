@@ -46,18 +46,12 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def _check_size(dims: tuple[int, int], size: int | None, resize: bool, name: str) -> bool:
-    """Whether an image of ``dims`` must be resized to ``size``; another size without ``resize`` is refused."""
-    if size is None or dims == (size, size):
-        return False
-    if not resize:
-        raise HTCError(f"{name} is {dims[0]}x{dims[1]} but {size}x{size} is expected")
-    return True
-
-
-def fit(img: Image.Image, size: int | None, resize: bool, name: str) -> Image.Image:
-    """Refuse another size than ``size`` by ``name``, or resize (bicubic) when ``resize``."""
-    return img.resize((size, size), Image.BICUBIC) if _check_size(img.size, size, resize, name) else img
+def _check_size(img: Image.Image, size: int | None, name: str) -> Image.Image:
+    """``img``, or an HTCError naming it when ``size`` is given and it is another size. (Resizing,
+    cropping and padding are the image processing's, data/processor.py.)"""
+    if size is not None and img.size != (size, size):
+        raise HTCError(f"{name} is {img.size[0]}x{img.size[1]} but {size}x{size} is expected")
+    return img
 
 
 @contextmanager
@@ -80,9 +74,9 @@ def _decoding(path: Path):
         raise HTCError(f"cannot decode image {path}: {e}") from e
 
 
-def _read_rgb(source, name: str, size: int | None, resize: bool, max_pixels: int | None = None) -> Image.Image:
-    """The image ``source()`` opens (a path or a fresh file object each call), as RGB and fitted to
-    ``size``. A PNG whose chunk checksums do not match (Pillow would decode it with wrong pixels) is
+def _read_rgb(source, name: str, size: int | None = None, max_pixels: int | None = None) -> Image.Image:
+    """The image ``source()`` opens (a path or a fresh file object each call), as RGB, of ``size``
+    when given. A PNG whose chunk checksums do not match (Pillow would decode it with wrong pixels) is
     refused; with ``max_pixels``, so is a larger image, from its header, before it is decoded."""
     with _decoding(Path(name)):
         with Image.open(source()) as im:
@@ -93,19 +87,18 @@ def _read_rgb(source, name: str, size: int | None, resize: bool, max_pixels: int
         with Image.open(source()) as im:
             im.load()
             img = to_rgb(im)
-    return fit(img, size, resize, name)
+    return _check_size(img, size, name)
 
 
-def load_rgb(path: str | Path, size: int | None = None, resize: bool = False) -> Image.Image:
-    """Open ``path`` as RGB. With ``size``: refuse another size, or resize (bicubic) if ``resize``."""
-    return _read_rgb(lambda: path, str(path), size, resize)
+def load_rgb(path: str | Path, size: int | None = None) -> Image.Image:
+    """Open ``path`` as RGB. With ``size``: refuse another size."""
+    return _read_rgb(lambda: path, str(path), size)
 
 
-def decode_image(data: bytes, name: str, size: int | None = None, resize: bool = False,
-                 max_pixels: int | None = None) -> Image.Image:
+def decode_image(data: bytes, name: str, max_pixels: int | None = None) -> Image.Image:
     """:func:`load_rgb` for bytes in memory (an upload): ``name`` is only used in errors. With
     ``max_pixels``, an image with more pixels is refused from its header, before it is decoded."""
-    return _read_rgb(lambda: io.BytesIO(data), name, size, resize, max_pixels)
+    return _read_rgb(lambda: io.BytesIO(data), name, max_pixels=max_pixels)
 
 
 def check_header(path: str | Path, processing=None) -> None:
@@ -119,6 +112,9 @@ def check_header(path: str | Path, processing=None) -> None:
             dims = im.size
     if processing is not None:
         processing.check_dims(dims, str(path))
+
+
+PARALLEL_FROM = 20_000  # images; fewer (the scenes: 2,500) are checked in this process
 
 
 def _first_bad(args) -> tuple[int, str] | None:
@@ -139,7 +135,7 @@ def first_bad_image(root: str | Path, names: list[str], processing=None, workers
     set (~400k images) would take minutes in one process."""
     jobs = [(root, names[i:i + chunk], i, processing) for i in range(0, len(names), chunk)]
     workers = min(workers or os.cpu_count() or 1, len(jobs))
-    if workers <= 1:
+    if workers <= 1 or len(names) < PARALLEL_FROM:  # a pool costs more than it saves on small sets
         results = map(_first_bad, jobs)
     else:
         import multiprocessing as mp

@@ -241,7 +241,8 @@ def test_base_per_seed_gives_each_table1_seed_its_own_base_and_bounds(tmp_path, 
     that base, and its bounds are evaluated and pooled into the intervals; without it one base serves all."""
     import htc_vlm.reproduce as rp
 
-    one, per = rp.get_preset("tiny", False), rp.get_preset("tiny", False, base_per_seed=True)
+    one, per = rp.get_preset("tiny", False, base_per_seed=False), rp.get_preset("tiny", False)
+    assert per.base_per_seed and not rp.get_preset("tiny", True).base_per_seed  # the main job's default; --quick's one seed
     by_name = lambda p: {s.name: s for s in rp.stages(p)}  # noqa: E731
     assert not any(n.startswith("bases/") or n.startswith("eval/upper-") for n in by_name(one))
     assert by_name(one)["train/voco-b1-s1"].needs == ("instruct", "features")

@@ -444,7 +444,7 @@ def reproduce(
                                                    "cores/N threads (default: one per core, at most 8).")] = None,
     base_per_seed: Annotated[bool | None, typer.Option(
         "--base-per-seed/--one-base", help="Table 1's seed s > 0 also trains its own base model (align + instruct "
-        "with seed s) and compresses from it, so the intervals cover the base's variation (default: one base).")] = None,
+        "with seed s) and compresses from it, so the intervals cover the base's variation (default: the preset's; tiny: a base per seed).")] = None,
 ) -> None:
     """Run the paper's pipeline on the embedded default, stage by stage, resuming where it stopped."""
     from .reproduce import default_jobs, run

@@ -195,23 +195,94 @@ def test_a_full_queue_answers_429_with_retry_after(served, scenes_dir):
 
     async def full():
         busy = Engine(engine.model, engine.tok, engine.store, limits=Limits(queue_size=1))
-        busy._queue = asyncio.Queue(1)
+        busy._queue, busy._images, busy._work = asyncio.Queue(1), asyncio.Queue(1), asyncio.Event()
         busy._batcher = asyncio.get_running_loop().create_future()  # a model call that never ends
         waiting = asyncio.ensure_future(busy.ask(image_id, "What color?", 4))
+        uploading = asyncio.ensure_future(busy.add_image(b"an image waiting to be compressed"))
         await asyncio.sleep(0)
         with pytest.raises(ServeError) as e:
             await busy.ask(image_id, "What color?", 4)
+        with pytest.raises(ServeError) as e_image:
+            await busy.add_image(b"another image")
         waiting.cancel()
+        uploading.cancel()
         busy.close()
-        return e.value
+        return e.value, e_image.value
 
-    e = asyncio.run(full())
-    assert e.status == 429 and "busy" in str(e)
+    e, e_image = asyncio.run(full())
+    assert e.status == e_image.status == 429 and "busy" in str(e) and "images waiting" in str(e_image)
     from htc_vlm.serving.app import _error
 
     response = _error(e)
     assert response.status_code == 429 and response.headers["retry-after"] == "1"
     assert json.loads(response.body)["error"]["type"] == "rate_limit_error"
+
+
+def _engine_of(served, **limits):
+    return Engine(served["model"], served["tok"], CacheStore(parse_bytes("1MB")), limits=Limits(**limits))
+
+
+def test_new_images_uploaded_together_are_compressed_in_one_call_and_a_bad_one_fails_alone(served, scenes_dir):
+    from htc_vlm.data.images import load_rgb
+    from htc_vlm.data.llava import PromptBuilder, get_template
+    from htc_vlm.inference import ImageEncoder
+
+    engine = _engine_of(served, batch_wait_s=0.05)
+    images = sorted((scenes_dir / "images").glob("test_*.png"))[4:8]
+
+    async def upload():
+        good = [engine.add_image(i.read_bytes()) for i in images]
+        return await asyncio.gather(*good, engine.add_image(b"not an image"), return_exceptions=True)
+
+    *made, bad = asyncio.run(upload())
+    engine.close()
+    assert engine.compress_batch_sizes == [5] and engine.compressions == 4  # one call; the bad one is not counted
+    assert isinstance(bad, ServeError) and bad.status == 400 and bad.code == "invalid_image"
+    model, tok = served["model"], served["tok"]
+    prefix = PromptBuilder(tok, get_template("plain"), model.config).prefix_ids()
+    for path, (_, cache, created) in zip(images, made):
+        pix, q = ImageEncoder(model).encode([path], [load_rgb(path, 48)])
+        alone = model.compress(pix, q, prefix_ids=prefix).split(len(prefix))[1]  # the image part, one image
+        assert created and cache.batch_size == 1
+        for a, b in zip(cache.keys + cache.values, alone.keys + alone.values):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_waiting_questions_are_answered_before_waiting_compressions(served, scenes_dir):
+    """Questions whose images are cached are what clients wait on: when both wait for the model,
+    the questions' batch runs first, then the new images' batch."""
+    engine = _engine_of(served)
+    paths = sorted((scenes_dir / "images").glob("test_*.png"))[8:11]
+    calls, gate = [], threading.Event()
+    compress, answer = engine._compress, engine._answer
+
+    def gated_compress(datas):
+        calls.append(("compress", len(datas)))
+        if len(calls) == 2:  # the first new image after the cached one: hold the model until all is queued
+            gate.wait(30)
+        return compress(datas)
+
+    def recorded_answer(group, loop=None):
+        calls.append(("answer", len(group)))
+        return answer(group, loop)
+
+    engine._compress, engine._answer = gated_compress, recorded_answer
+
+    async def scenario():
+        cached, _, _ = await engine.add_image(paths[0].read_bytes())
+        busy = asyncio.ensure_future(engine.add_image(paths[1].read_bytes()))
+        while len(calls) < 2:  # the model is compressing paths[1], held at the gate
+            await asyncio.sleep(0.01)
+        new = asyncio.ensure_future(engine.add_image(paths[2].read_bytes()))
+        questions = [engine.submit(cached, q, 4) for q in ("What color?", "How many?")]
+        await asyncio.sleep(0.05)
+        gate.set()
+        return await asyncio.gather(busy, new, *questions)
+
+    results = asyncio.run(scenario())
+    engine.close()
+    assert calls == [("compress", 1), ("compress", 1), ("answer", 2), ("compress", 1)]
+    assert all(a.completion_tokens <= 4 for a in results[2:])
 
 
 def test_an_uncompressed_model_is_served_with_its_full_image_cache_and_a_zero_budget_still_answers(make_model_dir,

@@ -134,6 +134,8 @@ def create_app(engine: Engine, model_name: str):
     latency = Histogram("htc_request_seconds", "Request latency", ["endpoint"], registry=reg,
                         buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
     batch = Histogram("htc_batch_size", "Questions per model call", registry=reg, buckets=(1, 2, 4, 8, 16, 32, 64))
+    compress_batch = Histogram("htc_compress_batch_size", "New images per compression call", registry=reg,
+                               buckets=(1, 2, 4, 8, 16, 32))
     for name, doc, read in (("htc_cache_hits", "Cache lookups found", lambda: engine.store.stats.hits),
                             ("htc_cache_misses", "Cache lookups missed", lambda: engine.store.stats.misses),
                             ("htc_cache_evictions", "Caches evicted from memory", lambda: engine.store.stats.evictions),
@@ -165,8 +167,9 @@ def create_app(engine: Engine, model_name: str):
     def _observe(endpoint: str, status: int, t0: float) -> None:
         requests_total.labels(endpoint, str(status)).inc()
         latency.labels(endpoint).observe(time.perf_counter() - t0)
-        while engine.batch_sizes:
-            batch.observe(engine.batch_sizes.pop())
+        for sizes, histogram in ((engine.batch_sizes, batch), (engine.compress_batch_sizes, compress_batch)):
+            while sizes:
+                histogram.observe(sizes.pop())
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):  # never a traceback in a response

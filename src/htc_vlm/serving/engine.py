@@ -2,8 +2,11 @@
 requests answered together in batches, whatever image each one is about.
 
 Every model call runs on one worker thread, so requests never run the model side by side; the event
-loop only queues. A batch stacks the caches of its questions' images (:meth:`VisualCache.cat`), so
-each question attends to its own image's voco entries and nothing else, prefix included.
+loop only queues. One scheduler owns that thread and picks the next call: a batch of waiting
+questions first (their images are cached: answering them is what a client waits on), else a batch
+of new images to compress (several uploads, one forward pass). A question batch stacks the caches
+of its questions' images (:meth:`VisualCache.cat`), so each question attends to its own image's voco
+entries and nothing else, prefix included.
 
 Shape notation: B questions in a batch, L question length (left-padded), K cached positions.
 """
@@ -52,6 +55,12 @@ class _Question:
     stop: list[str]
     future: asyncio.Future = field(repr=False)
     pieces: asyncio.Queue | None = field(default=None, repr=False)  # streamed text, for stream=True
+
+
+@dataclass
+class _Image:
+    data: bytes
+    future: asyncio.Future = field(repr=False)  # its image-part cache, or the error that image alone met
 
 
 def _visible(text: str, stop: list[str]) -> tuple[str, bool]:
@@ -112,8 +121,9 @@ class Limits:
     max_image_pixels: int = 4096 * 4096
     max_tokens: int = 256  # the most a request may ask for
     max_batch: int = 32  # questions answered in one model call
+    max_compress_batch: int = 8  # new images compressed in one model call
     batch_wait_s: float = 0.005  # how long a batch waits for more questions once one arrived
-    queue_size: int = 256  # questions waiting; beyond it a request gets 429
+    queue_size: int = 256  # questions (and, apart, images) waiting; beyond it a request gets 429
 
 
 class Engine:
@@ -133,9 +143,12 @@ class Engine:
         self.store.fingerprint = fingerprint
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="htc-model")
         self._compressing: dict[str, asyncio.Future] = {}
-        self._queue: asyncio.Queue | None = None
+        self._queue: asyncio.Queue | None = None  # _Question
+        self._images: asyncio.Queue | None = None  # _Image: new images to compress
+        self._work: asyncio.Event | None = None  # set when either queue gets an item
         self._batcher: asyncio.Task | None = None
         self.batch_sizes: list[int] = []  # observed, for metrics (the app drains it)
+        self.compress_batch_sizes: list[int] = []  # the same for compressions
         self._prefix_cache: VisualCache | None = None  # the template prefix's KV, the same for every image
         self.compressions = 0
 
@@ -162,11 +175,19 @@ class Engine:
             return image_id, cache, False
         if key in self._compressing:
             return image_id, await asyncio.shield(self._compressing[key]), False
-        fut = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
         self._compressing[key] = fut
         try:
-            loop = asyncio.get_running_loop()
-            cache = await loop.run_in_executor(self._worker, self._compress, data)
+            self._start()
+            job = _Image(data, loop.create_future())
+            try:
+                self._images.put_nowait(job)
+            except asyncio.QueueFull:
+                raise ServeError("the server is busy: too many images waiting to be compressed; retry shortly",
+                                 429, code="rate_limit_exceeded") from None
+            self._work.set()
+            cache = await job.future
             await loop.run_in_executor(None, self.store.put, key, cache)  # file or object-store I/O off the event loop
             fut.set_result(cache)
         except BaseException as e:
@@ -177,20 +198,28 @@ class Engine:
             del self._compressing[key]
         return image_id, cache, True
 
-    def _compress(self, data: bytes) -> VisualCache:
-        try:
-            img = self.encoder.processing.check(
-                decode_image(data, "the image", max_pixels=self.limits.max_image_pixels), "the image")
-        except HTCError as e:
-            raise ServeError(str(e), 400, "image_url", "invalid_image") from None
-        pix, q = self.encoder.encode([None], [img])
-        with torch.no_grad():
-            cache = self.model.compress(pix, q, prefix_ids=self.prefix)
-        self.compressions += 1
-        prefix, image = cache.split(len(self.prefix))  # store the image part; the prefix is kept once
-        if self._prefix_cache is None:
-            self._prefix_cache = prefix
-        return image
+    def _compress(self, datas: list[bytes]) -> list[VisualCache | ServeError]:
+        """The image-part caches of ``datas`` from one forward pass; an image that does not decode
+        gets its own error in its place, and the others are compressed all the same."""
+        images, out = [], []
+        for data in datas:
+            try:
+                images.append(self.encoder.processing.check(
+                    decode_image(data, "the image", max_pixels=self.limits.max_image_pixels), "the image"))
+                out.append(None)
+            except HTCError as e:
+                out.append(ServeError(str(e), 400, "image_url", "invalid_image"))
+        if images:
+            pix, q = self.encoder.encode([None] * len(images), images)  # (n, 3, H, W), (n, ...) or None
+            with torch.no_grad():
+                cache = self.model.compress(pix, q, prefix_ids=self.prefix)  # (n, H, P + K, Dh)
+            self.compressions += len(images)
+            prefix, part = cache.split(len(self.prefix))  # store the image part; the prefix is kept once
+            if self._prefix_cache is None:
+                self._prefix_cache = prefix.select(0)
+            made = iter(range(len(images)))
+            out = [part.select(next(made)) if o is None else o for o in out]
+        return out
 
     def cache_for(self, image_id: str) -> VisualCache:
         cache = self.store.get(self.key(image_id))
@@ -223,46 +252,78 @@ class Engine:
         except asyncio.QueueFull:
             raise ServeError("the server is busy: too many questions waiting; retry shortly", 429,
                              code="rate_limit_exceeded") from None
+        self._work.set()
         return fut
 
     def _start(self) -> None:
         if self._batcher is None or self._batcher.done():
             self._queue = asyncio.Queue(self.limits.queue_size)
-            self._batcher = asyncio.get_running_loop().create_task(self._batch_loop())
+            self._images = asyncio.Queue(self.limits.queue_size)
+            self._work = asyncio.Event()
+            self._batcher = asyncio.get_running_loop().create_task(self._schedule())
 
-    async def _batch_loop(self) -> None:
-        loop = asyncio.get_running_loop()
+    async def _take(self, queue: asyncio.Queue, limit: int) -> list:
+        """What ``queue`` holds now (it holds something), up to ``limit``, after waiting
+        ``batch_wait_s`` for more to arrive."""
+        batch = [queue.get_nowait()]
+        deadline = time.monotonic() + self.limits.batch_wait_s
+        while len(batch) < limit:
+            try:
+                batch.append(queue.get_nowait())
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(queue.get(), left))
+            except asyncio.TimeoutError:
+                break
+        return batch
+
+    async def _schedule(self) -> None:
+        """The one loop that runs the model: questions before compressions, each batched."""
         while True:
-            batch = [await self._queue.get()]
-            deadline = time.monotonic() + self.limits.batch_wait_s
-            while len(batch) < self.limits.max_batch:
-                try:
-                    batch.append(self._queue.get_nowait())
-                    continue
-                except asyncio.QueueEmpty:
-                    pass
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), left))
-                except asyncio.TimeoutError:
-                    break
-            for temperature in sorted({q.temperature for q in batch}):  # one sampling setting per model call
-                group = [q for q in batch if q.temperature == temperature and not q.future.cancelled()]
-                if not group:
-                    continue
-                self.batch_sizes.append(len(group))
-                try:
-                    answers = await loop.run_in_executor(self._worker, self._answer, group, loop)
-                except Exception as e:  # noqa: BLE001 -- every waiting request gets the error, the loop goes on
-                    for q in group:
-                        if not q.future.done():
-                            q.future.set_exception(e)
-                    continue
-                for q, a in zip(group, answers):
+            if self._queue.empty() and self._images.empty():
+                self._work.clear()
+                await self._work.wait()
+            if not self._queue.empty():
+                await self._answer_batch(await self._take(self._queue, self.limits.max_batch))
+            elif not self._images.empty():
+                await self._compress_batch(await self._take(self._images, self.limits.max_compress_batch))
+
+    async def _compress_batch(self, jobs: list[_Image]) -> None:
+        jobs = [j for j in jobs if not j.future.done()]
+        if not jobs:
+            return
+        self.compress_batch_sizes.append(len(jobs))
+        try:
+            caches = await asyncio.get_running_loop().run_in_executor(
+                self._worker, self._compress, [j.data for j in jobs])
+        except Exception as e:  # noqa: BLE001 -- every waiting upload gets the error, the loop goes on
+            caches = [e] * len(jobs)
+        for j, c in zip(jobs, caches):
+            if not j.future.done():
+                (j.future.set_exception if isinstance(c, BaseException) else j.future.set_result)(c)
+
+    async def _answer_batch(self, batch: list[_Question]) -> None:
+        loop = asyncio.get_running_loop()
+        for temperature in sorted({q.temperature for q in batch}):  # one sampling setting per model call
+            group = [q for q in batch if q.temperature == temperature and not q.future.cancelled()]
+            if not group:
+                continue
+            self.batch_sizes.append(len(group))
+            try:
+                answers = await loop.run_in_executor(self._worker, self._answer, group, loop)
+            except Exception as e:  # noqa: BLE001 -- every waiting request gets the error, the loop goes on
+                for q in group:
                     if not q.future.done():
-                        q.future.set_result(a)
+                        q.future.set_exception(e)
+                continue
+            for q, a in zip(group, answers):
+                if not q.future.done():
+                    q.future.set_result(a)
 
     @torch.no_grad()
     def _answer(self, group: list[_Question], loop=None) -> list[Answer]:

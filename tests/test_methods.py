@@ -145,6 +145,7 @@ def test_cli_methods_table_and_train_refuses_training_free(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     assert "fastv" in out and "tome" in out and "BLIP-2" in out
+    assert "[anchors; patches] -> voco" in out  # a summary is text: rich markup would eat its brackets
     assert main(["train", "--config", "tiny", "--method", "fastv"]) == 2
     assert "training-free: nothing to train" in capsys.readouterr().err
 

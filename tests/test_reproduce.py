@@ -219,7 +219,7 @@ def test_a_compression_stage_asks_for_a_converged_run(tmp_path, monkeypatch):
 
     seen = {}
 
-    def fake_train(root, preset, stage, out, *extra, method=None, budget=1):
+    def fake_train(root, stage, out, *extra, method=None, budget=1):
         seen.update(stage=stage, out=out, extra=extra, method=method)
         (tmp_path / "model").mkdir()
         (tmp_path / "model" / "val_curve.json").write_text('{"steps": [100], "val_loss": [0.5]}')
@@ -258,7 +258,7 @@ def test_base_per_seed_gives_each_table1_seed_its_own_base_and_bounds(tmp_path, 
 
     seen = []
 
-    def fake_train(root, preset, stage, out, *extra, method=None, budget=1):
+    def fake_train(root, stage, out, *extra, method=None, budget=1):
         seen.append((stage, out, extra))
         model = tmp_path / out / "model"
         model.mkdir(parents=True, exist_ok=True)

@@ -174,7 +174,7 @@ def convert_llava_cmd(
 def train(
     config: Annotated[str, typer.Option(help="A shipped preset (tiny, llava-1.5-7b) or a YAML file.")],
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. stage=compress optim.max_steps=10")] = None,
-    method: Annotated[str | None, typer.Option(help="A trained method (voco, htc, discrete, avgpool, qformer): "
+    method: Annotated[str | None, typer.Option(help="A trained method (`htc-vlm methods` lists them): "
                                                     "the compress stage with its options.")] = None,
     budget: Annotated[int, typer.Option(min=1, help="Visual tokens the method keeps (with --method).")] = 1,
 ) -> None:
@@ -246,14 +246,15 @@ def eval_cmd(
 @app.command()
 def methods() -> None:
     """List the compression methods: kind, tables, source paper, options."""
+    from rich.markup import escape
     from rich.table import Table
 
     from .methods import METHODS
 
     t = Table("method", "kind", "tables", "what", "paper", "options")
-    for m in METHODS.values():
-        t.add_row(m.name, m.kind, ",".join(m.tables), m.summary, m.paper,
-                  " ".join(f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in m.options.items()))
+    for m in METHODS.values():  # escaped: a summary such as "[anchors; patches] -> voco" is text, not markup
+        t.add_row(*map(escape, (m.name, m.kind, ",".join(m.tables), m.summary, m.paper, " ".join(
+            f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in m.options.items()))))
     Console(width=200).print(t)  # stdout: a listing, not a log line
 
 
@@ -363,7 +364,7 @@ def ask(
 
 @app.command()
 def serve(
-    model: Annotated[Path, typer.Option(help="A compressing model folder (voco, htc or discrete).")],
+    model: Annotated[Path, typer.Option(help="A trained model folder; methods that choose tokens per question are refused.")],
     vq: Annotated[Path | None, typer.Option(help="VQ tokenizer folder computing q of uploaded images (htc / discrete).")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port.")] = 8000,

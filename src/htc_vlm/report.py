@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from dataclasses import asdict
 from pathlib import Path
 
 from .evaluation.retention import retention
@@ -91,11 +92,11 @@ def _intervals_section(iv: dict, fams: list[str]) -> list[str]:
     return lines + [""]
 
 
-def _convergence_section(out: Path, record: dict) -> list[str]:
+def _convergence_section(out: Path, record: dict, rows: "_Rows | None" = None) -> tuple[list[str], dict]:
     runs = {k[len("train/"):]: v["val_curve"] for k, v in record["stages"].items()
             if k.startswith("train/") and v.get("status") == "done" and v.get("val_curve")}
     if not runs:
-        return []
+        return [], {}
     _plot_val_curves(out, runs)
     capped = [k for k, c in runs.items() if not c["flat"]]
     lines = ["## Convergence of the compression runs", "",
@@ -110,144 +111,175 @@ def _convergence_section(out: Path, record: dict) -> list[str]:
                      f"{'' if gain is None else f'{100 * gain:.2f}%'} | {'yes' if c['flat'] else '**no**'} |")
     if capped:
         lines += ["", f"**Not flat (stopped by the step cap): {', '.join(capped)}.**"]
-    return lines + [""]
+    return lines + [""], {}
+
+
+class _Rows:
+    """A run's evaluated rows: scores, open accuracy by tag and retention against the run's bounds."""
+
+    def __init__(self, record: dict):
+        self.record = record
+        up, lo = _done(record, "eval/upper"), _done(record, "eval/lower")
+        self.bounds = (up["scores"], lo["scores"]) if up and lo else None
+
+    def __call__(self, key: str) -> dict | None:
+        s = _done(self.record, f"eval/{key}")
+        if not s:
+            return None
+        rets = _retentions(s["scores"], *self.bounds) if self.bounds else {}
+        return {"scores": s["scores"], "open_by_tag": s.get("open_by_tag", {}), "retention": rets,
+                "avg_retention": _avg(rets, rets), "stage": f"eval/{key}"}
 
 
 def render(out: Path, record: dict) -> tuple[str, dict]:
-    name = record["preset"]["name"]
-    lines = [f"# htc-vlm reproduce: preset {name}", ""]
-    n_patches = _num_patches(out)
+    """(``report.md``'s text, ``results.json``'s content): one section per table, each from its stages."""
+    lines = [f"# htc-vlm reproduce: preset {record['preset']['name']}", ""]
     val = _done(record, "val/upper")
     if val:
         lines += [f"Upper bound on the validation split (recipe check): open {val['scores']['open']:.1f}%.", ""]
     results: dict = {"preset": record["preset"], "stages": record["stages"]}
-    up, lo = _done(record, "eval/upper"), _done(record, "eval/lower")
-    bounds = (up["scores"], lo["scores"]) if up and lo else None
+    for k, v in record["stages"].items():
+        if v.get("status") == "failed":
+            lines += [f"**Stage `{k}` failed: {v['error']}.** Run the same command again to resume there.", ""]
+    rows = _Rows(record)
+    for section in (_table1_section, _template_section, _seeds_section, _table2_section, _table4_section,
+                    _convergence_section, _probing_section, _attention_section, _provenance_section):
+        text, part = section(out, record, rows)
+        lines += text
+        results |= part
+    return "\n".join(lines) + "\n", results
 
-    def row_data(key):
-        s = _done(record, f"eval/{key}")
-        if not s:
-            return None
-        rets = _retentions(s["scores"], *bounds) if bounds else {}
-        return {"scores": s["scores"], "open_by_tag": s.get("open_by_tag", {}), "retention": rets,
-                "avg_retention": _avg(rets, rets), "stage": f"eval/{key}"}
 
-    failed = [(k, v["error"]) for k, v in record["stages"].items() if v.get("status") == "failed"]
-    for k, err in failed:
-        lines += [f"**Stage `{k}` failed: {err}.** Run the same command again to resume there.", ""]
+def _table1_section(out: Path, record: dict, rows: _Rows) -> tuple[list[str], dict]:
+    up = _done(record, "eval/upper")
+    if not up:
+        return [], {}
+    fams = list(up["scores"])
+    lines = ["## Table 1 analog: everything to one visual token", "",
+             "Scores per question family (open: VQA accuracy; pope: F1; mme: total score; mc: circular "
+             "accuracy), retention in brackets; `avg ret.` averages the families with a defined retention.", "",
+             "| method | " + " | ".join(fams) + " | open semantic | open detail | avg ret. (%) |",
+             "|---|" + "---|" * (len(fams) + 3)]
+    t1 = {}
+    for key, label in table1_rows():
+        d = rows(key)
+        if d is None:
+            continue
+        t1[key] = d
+        cells = [_cell(d["scores"].get(f), d["retention"].get(f)) for f in fams]
+        tags = [_cell(d["open_by_tag"].get(t), None) for t in ("semantic", "detail")]
+        lines.append(f"| {label} | " + " | ".join(cells + tags) + f" | {d['avg_retention'] or ''} |")
+    if rows.bounds:
+        upper, lower = rows.bounds
+        gaps = ", ".join(f"{f} {upper[f]:.1f} vs {lower[f]:.1f}" for f in fams if f in lower)
+        lines += ["", f"Bounds (upper vs lower): {gaps}. Where they are close, retention is noise: read "
+                      f"the scores, and the open column first."]
+        undefined = [f for f in fams if f in lower and upper[f] <= lower[f]]
+        if undefined:
+            lines += ["", f"No retention for {', '.join(undefined)}: the upper bound does not beat the lower "
+                          f"bound there."]
+    results = {"table1": t1}
+    _plot_retention(out, t1)
+    if (out / "retention.png").exists():
+        lines += ["", "![retention per method](retention.png)"]
+    lines.append("")
+    iv = _done(record, "table1/intervals")
+    if iv:
+        lines += _intervals_section(iv, fams)
+        results["table1_intervals"] = {"cells": iv["cells"], "htc_minus_voco": iv["htc_minus_voco"]}
+    return lines, results
 
-    if up:
-        fams = list(up["scores"])
-        lines += ["## Table 1 analog: everything to one visual token", "",
-                  "Scores per question family (open: VQA accuracy; pope: F1; mme: total score; mc: circular "
-                  "accuracy), retention in brackets; `avg ret.` averages the families with a defined retention.", "",
-                  "| method | " + " | ".join(fams) + " | open semantic | open detail | avg ret. (%) |",
-                  "|---|" + "---|" * (len(fams) + 3)]
-        t1 = {}
-        for key, label in table1_rows():
-            d = row_data(key)
-            if d is None:
-                continue
-            t1[key] = d
-            cells = [_cell(d["scores"].get(f), d["retention"].get(f)) for f in fams]
-            tags = [_cell(d["open_by_tag"].get(t), None) for t in ("semantic", "detail")]
-            lines.append(f"| {label} | " + " | ".join(cells + tags) + f" | {d['avg_retention'] or ''} |")
-        if bounds:
-            gaps = ", ".join(f"{f} {bounds[0][f]:.1f} vs {bounds[1][f]:.1f}" for f in fams if f in bounds[1])
-            lines += ["", f"Bounds (upper vs lower): {gaps}. Where they are close, retention is noise: read "
-                          f"the scores, and the open column first."]
-            undefined = [f for f in fams if f in bounds[1] and bounds[0][f] <= bounds[1][f]]
-            if undefined:
-                lines += ["", f"No retention for {', '.join(undefined)}: the upper bound does not beat the lower "
-                              f"bound there."]
-        results["table1"] = t1
-        _plot_retention(out, t1)
-        if (out / "retention.png").exists():
-            lines += ["", "![retention per method](retention.png)"]
-        lines.append("")
-        iv = _done(record, "table1/intervals")
-        if iv:
-            lines += _intervals_section(iv, fams)
-            results["table1_intervals"] = {"cells": iv["cells"], "htc_minus_voco": iv["htc_minus_voco"]}
 
+def _template_section(out: Path, record: dict, rows: _Rows) -> tuple[list[str], dict]:
     per_t = {label: _by_template(out, key) for key, label in table1_rows() if _done(record, f"eval/{key}")}
     if _done(record, "eval/upper"):
         per_t["upper bound, one-object scenes only"] = _by_template(out, "upper", one_object=True)
     per_t = {k: v for k, v in per_t.items() if v}
-    if per_t:
-        temps = sorted({t for v in per_t.values() for t in v})
-        lines += ["### Open questions per template (accuracy %)", "",
-                  "| method | " + " | ".join(temps) + " |", "|---|" + "---|" * len(temps)]
-        for label, v in per_t.items():
-            lines.append(f"| {label} | " + " | ".join(f"{v[t]:.1f}" if t in v else "" for t in temps) + " |")
-        results["open_by_template"] = per_t
-        lines.append("")
+    if not per_t:
+        return [], {}
+    temps = sorted({t for v in per_t.values() for t in v})
+    lines = ["### Open questions per template (accuracy %)", "",
+             "| method | " + " | ".join(temps) + " |", "|---|" + "---|" * len(temps)]
+    for label, v in per_t.items():
+        lines.append(f"| {label} | " + " | ".join(f"{v[t]:.1f}" if t in v else "" for t in temps) + " |")
+    return lines + [""], {"open_by_template": per_t}
 
-    seeds = _seed_rows(record, row_data)
-    if seeds:
-        lines += ["## One-token methods over training seeds", "",
-                  "| method | seeds | open accuracy, mean (min-max) | avg retention %, mean (min-max) |", "|---|---|---|---|"]
-        for m, rows in seeds.items():
-            acc = [r["scores"]["open"] for r in rows]
-            ret = [r["avg_retention"] for r in rows if r["avg_retention"] is not None]
-            fmt = lambda v: f"{statistics.mean(v):.1f} ({min(v):.1f}-{max(v):.1f})" if v else ""  # noqa: E731
-            lines.append(f"| {m} | {len(rows)} | {fmt(acc)} | {fmt(ret)} |")
-        results["seeds"] = seeds
-        lines.append("")
 
+def _seeds_section(out: Path, record: dict, rows: _Rows) -> tuple[list[str], dict]:
+    seeds = _seed_rows(record, rows)
+    if not seeds:
+        return [], {}
+    lines = ["## One-token methods over training seeds", "",
+             "| method | seeds | open accuracy, mean (min-max) | avg retention %, mean (min-max) |", "|---|---|---|---|"]
+    for m, runs in seeds.items():
+        acc = [r["scores"]["open"] for r in runs]
+        ret = [r["avg_retention"] for r in runs if r["avg_retention"] is not None]
+        fmt = lambda v: f"{statistics.mean(v):.1f} ({min(v):.1f}-{max(v):.1f})" if v else ""  # noqa: E731
+        lines.append(f"| {m} | {len(runs)} | {fmt(acc)} | {fmt(ret)} |")
+    return lines + [""], {"seeds": seeds}
+
+
+def _table2_section(out: Path, record: dict, rows: _Rows) -> tuple[list[str], dict]:
     budgets = record["preset"]["budgets"]
-    t2 = {m: {b: row_data(f"{m}-b{b}") for b in budgets} for m in table2_methods()}
-    if any(d for per in t2.values() for d in per.values()):
-        fams2 = record["preset"]["table2_families"]
-        lines += ["## Table 2 analog: fixed token budgets", "",
-                  f"Budgets {', '.join(map(str, budgets))} of {n_patches} patch tokens (the paper's 192 / 128 / 64 of 576). "
-                  f"Cells: open accuracy (its retention); `results.json` also has {', '.join(fams2[1:]) or 'no other family'}.", "",
-                  "| method | " + " | ".join(f"budget {b}" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
-        for m, per in t2.items():
-            cells = []
-            for b in budgets:
-                d = per[b]
-                cells.append("" if d is None else _cell(d["scores"].get("open"), d["retention"].get("open")))
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
-        results["table2"] = {m: {str(b): d for b, d in per.items()} for m, per in t2.items()}
-        _plot_budgets(out, t2, budgets)
-        if (out / "budgets.png").exists():
-            lines += ["", "![retention per budget](budgets.png)"]
-        lines.append("")
+    t2 = {m: {b: rows(f"{m}-b{b}") for b in budgets} for m in table2_methods()}
+    if not any(d for per in t2.values() for d in per.values()):
+        return [], {}
+    fams2 = record["preset"]["table2_families"]
+    lines = ["## Table 2 analog: fixed token budgets", "",
+             f"Budgets {', '.join(map(str, budgets))} of {_num_patches(out)} patch tokens (the paper's 192 / 128 / 64 "
+             f"of 576). Cells: open accuracy (its retention); `results.json` also has "
+             f"{', '.join(fams2[1:]) or 'no other family'}.", "",
+             "| method | " + " | ".join(f"budget {b}" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
+    for m, per in t2.items():
+        cells = ["" if per[b] is None else _cell(per[b]["scores"].get("open"), per[b]["retention"].get("open"))
+                 for b in budgets]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    _plot_budgets(out, t2, budgets)
+    if (out / "budgets.png").exists():
+        lines += ["", "![retention per budget](budgets.png)"]
+    return lines + [""], {"table2": {m: {str(b): d for b, d in per.items()} for m, per in t2.items()}}
 
-    abl = _ablation_rows(record, row_data)
-    if abl:
-        fams2 = record["preset"]["table2_families"]
-        lines += ["## Table 4 analog: ablations (budget 1)", "",
-                  "| ablation | setting | " + " | ".join(fams2) + " | avg ret. (%) |", "|---|---|" + "---|" * (len(fams2) + 1)]
-        for (group, setting), d in abl.items():
-            cells = [_cell(d["scores"].get(f), d["retention"].get(f)) for f in fams2]
-            lines.append(f"| {group} | {setting} | " + " | ".join(cells) + f" | {_avg(d['retention'], fams2) or ''} |")
-        results["table4"] = {f"{g}: {s}": d for (g, s), d in abl.items()}
-        lines.append("")
 
-    lines += _convergence_section(out, record)
+def _table4_section(out: Path, record: dict, rows: _Rows) -> tuple[list[str], dict]:
+    abl = _ablation_rows(record, rows)
+    if not abl:
+        return [], {}
+    fams2 = record["preset"]["table2_families"]
+    lines = ["## Table 4 analog: ablations (budget 1)", "",
+             "| ablation | setting | " + " | ".join(fams2) + " | avg ret. (%) |", "|---|---|" + "---|" * (len(fams2) + 1)]
+    for (group, setting), d in abl.items():
+        cells = [_cell(d["scores"].get(f), d["retention"].get(f)) for f in fams2]
+        lines.append(f"| {group} | {setting} | " + " | ".join(cells) + f" | {_avg(d['retention'], fams2) or ''} |")
+    return lines + [""], {"table4": {f"{g}: {s}": d for (g, s), d in abl.items()}}
 
+
+def _probing_section(out: Path, record: dict, rows: _Rows) -> tuple[list[str], dict]:
     pr = _done(record, "probing")
-    if pr:
-        lines += ["## Table 3 analog: linear probes (top-1 %, test split)", "",
-                  "Semantic: object count, shape of the first object (raster order); detail: its colour and texture.", "",
-                  "| model | representation | count | shape | colour | texture | semantic | detail |", "|---|---|---|---|---|---|---|---|"]
-        for model, reps in pr["probes"].items():
-            for rep, r in reps.items():
-                lines.append(f"| {model} | {rep} | " + " | ".join(f"{r[k]:.1f}" for k in
-                             ("count", "shape", "colour", "texture", "semantic", "detail")) + " |")
-        lines.append("")
+    if not pr:
+        return [], {}
+    lines = ["## Table 3 analog: linear probes (top-1 %, test split)", "",
+             "Semantic: object count, shape of the first object (raster order); detail: its colour and texture.", "",
+             "| model | representation | count | shape | colour | texture | semantic | detail |", "|---|---|---|---|---|---|---|---|"]
+    for model, reps in pr["probes"].items():
+        for rep, r in reps.items():
+            lines.append(f"| {model} | {rep} | " + " | ".join(f"{r[k]:.1f}" for k in
+                         ("count", "shape", "colour", "texture", "semantic", "detail")) + " |")
+    return lines + [""], {}
 
+
+def _attention_section(out: Path, record: dict, rows: _Rows) -> tuple[list[str], dict]:
     at = _done(record, "attention")
-    if at:
-        lines += ["## Figure 3 analog: voco attention", "", "![voco attention](attention.png)", "",
-                  f"{at['caption']}. HTC's voco token gives {100 * at['anchor_share']:.1f}% of its image-block "
-                  f"attention to the anchors.", ""]
+    if not at:
+        return [], {}
+    return ["## Figure 3 analog: voco attention", "", "![voco attention](attention.png)", "",
+            f"{at['caption']}. HTC's voco token gives {100 * at['anchor_share']:.1f}% of its image-block "
+            f"attention to the anchors.", ""], {}
 
-    lines += ["## Provenance", "", "Every table cell above comes from the `eval/<key>` stage of its row; the model "
-              "it evaluated and the command that reproduces it are listed here.", "",
-              "| stage | status | seconds | threads | outputs | command |", "|---|---|---|---|---|---|"]
+
+def _provenance_section(out: Path, record: dict, rows: _Rows) -> tuple[list[str], dict]:
+    lines = ["## Provenance", "", "Every table cell above comes from the `eval/<key>` stage of its row; the model "
+             "it evaluated and the command that reproduces it are listed here.", "",
+             "| stage | status | seconds | threads | outputs | command |", "|---|---|---|---|---|---|"]
     for k, s in record["stages"].items():
         if s["status"] == "done":
             lines.append(f"| {k} | done | {s.get('seconds', '')} | {s.get('threads', '')} | {s.get('outputs', '')} "
@@ -261,8 +293,7 @@ def render(out: Path, record: dict) -> tuple[str, dict]:
     calls = record.get("calls", [])
     wall = (f"; wall time {sum(c['wall_s'] for c in calls) / 60:.1f} min over {len(calls)} call(s) of "
             f"`htc-vlm reproduce` (--jobs {', '.join(sorted({str(c['jobs']) for c in calls}))})") if calls else ""
-    lines += ["", f"Total stage time: {total / 60:.1f} min{wall}."]
-    return "\n".join(lines) + "\n", results
+    return lines + ["", f"Total stage time: {total / 60:.1f} min{wall}."], {}
 
 
 def _by_template(out: Path, key: str, one_object: bool = False) -> dict:
@@ -294,13 +325,14 @@ def _seed_rows(record, row_data) -> dict:
 
 
 def _ablation_rows(record, row_data) -> dict:
-    from .reproduce import ablation_key
+    """Table 4's rows: the channels, then each ablated HTC option over the values the run's preset lists."""
+    from .reproduce import RunPreset, ablation_key
 
-    rows = {}
+    rows, preset = {}, asdict(RunPreset(record["preset"].get("name", ""))) | record["preset"]  # defaults fill gaps
     spec = [("channels", "hybrid (HTC)", "htc-b1"), ("channels", "continuous only (VoCo)", "voco-b1"),
             ("channels", "discrete only", "discrete-b1")]
-    for group, option, values in (("N_d", "num_anchors", (1, 2, 4, 8)), ("fusion", "fusion", ("pre", "post", "mean")),
-                                  ("vision attention", "vision_attention", ("causal", "isolated"))):
+    for group, option, values in (("N_d", "num_anchors", preset["anchors"]), ("fusion", "fusion", preset["fusions"]),
+                                  ("vision attention", "vision_attention", preset["attentions"])):
         spec += [(group, str(v), ablation_key(option, v)) for v in values]
     for group, setting, key in spec:
         if f"train/{key}" in record["stages"] or key == "htc-b1":

@@ -201,7 +201,7 @@ def _stage_scenes(root: Path, preset: RunPreset) -> dict:
     return {"outputs": str(root / "scenes"), "command": cmd, "questions": meta["questions"]}
 
 
-def _train(root: Path, preset: RunPreset, stage: str, out: str, *extra: str, method: str | None = None,
+def _train(root: Path, stage: str, out: str, *extra: str, method: str | None = None,
            budget: int = 1) -> dict:
     from .methods import get_method
     from .training.config import load_config
@@ -217,7 +217,7 @@ def _train(root: Path, preset: RunPreset, stage: str, out: str, *extra: str, met
 
 
 def _stage_vision(root: Path, preset: RunPreset) -> dict:
-    return _train(root, preset, "vision", "vision", f"optim.num_train_epochs={preset.vision_epochs}",
+    return _train(root, "vision", "vision", f"optim.num_train_epochs={preset.vision_epochs}",
                   f"optim.seed={preset.seed}", f"data.scenes={root / 'scenes' / 'train' / 'scenes.jsonl'}")
 
 
@@ -252,7 +252,7 @@ def _stage_align(seed: int | None = None) -> Callable:
     def run(root: Path, preset: RunPreset) -> dict:
         s = preset.seed if seed is None else seed
         out = base_dir(root, preset, s).relative_to(root) / "align"
-        return _train(root, preset, "align", str(out), f"optim.num_train_epochs={preset.align_epochs}",
+        return _train(root, "align", str(out), f"optim.num_train_epochs={preset.align_epochs}",
                       f"optim.seed={s}", f"model.vision_tower={root / 'vision' / 'model'}",
                       f"data.conversations={root / 'scenes' / 'train' / 'captions.json'}")
     return run
@@ -262,7 +262,7 @@ def _stage_instruct(seed: int | None = None) -> Callable:
     def run(root: Path, preset: RunPreset) -> dict:
         s = preset.seed if seed is None else seed
         base = base_dir(root, preset, s)
-        return _train(root, preset, "instruct", str(base.relative_to(root) / "instruct"),
+        return _train(root, "instruct", str(base.relative_to(root) / "instruct"),
                       f"optim.num_train_epochs={preset.instruct_epochs}", f"optim.seed={s}",
                       f"model.init={base / 'align' / 'model'}",
                       f"data.conversations={root / 'scenes' / 'train' / 'conversations.json'}")
@@ -275,7 +275,7 @@ def _train_experiment(e: Experiment) -> Callable:
 
         sc = root / "scenes"
         init = base_dir(root, preset, e.seed) / "instruct" / "model"
-        summary = _train(root, preset, "compress", f"runs/{e.key}", f"model.init={init}",
+        summary = _train(root, "compress", f"runs/{e.key}", f"model.init={init}",
                          f"data.conversations={sc / 'train' / 'conversations.json'}",
                          f"data.val_conversations={sc / 'val' / 'conversations.json'}",
                          f"data.val_items={preset.compress_val_items}",

@@ -185,3 +185,22 @@ def test_training_free_full_budget_generates_what_generate_does(upper_dir, name)
     expected = out[:, ids.shape[1]:].tolist()
     full = load_for_method(upper_dir, name, budget=tiny_config().num_patches)
     assert full.generate_answers(pix, PREFIX, QUESTIONS, 6, eos_token_id=-1) == expected
+
+
+def test_both_kinds_of_model_answer_through_one_interface_with_the_same_answers(upper_dir):
+    """The Answerer interface: the upper bound (compress once, answer from the cache) and a
+    training-free method at the full budget (image and question together) take the same call, rows
+    naming their image, and give the same greedy answers and next-token logits."""
+    from htc_vlm.answerer import Answerer
+
+    pix, _ = images(tiny_config(), b=2)
+    rows, which = QUESTIONS + [[30, 31, 32]], [1, 0, 1]  # three questions about two images
+    upper = HTCForConditionalGeneration.from_pretrained(upper_dir).eval()
+    full = load_for_method(upper_dir, "fastv", budget=tiny_config().num_patches)
+    assert isinstance(upper, Answerer) and isinstance(full, Answerer)
+    assert upper.reuses_image_cache and not full.reuses_image_cache
+    cached = upper.generate_answers(pix, PREFIX, rows, 5, eos_token_id=-1, image_index=which, batch_size=2)
+    assert cached == full.generate_answers(pix, PREFIX, rows, 5, eos_token_id=-1, image_index=which)
+    assert cached[1] == upper.generate_answers(pix[:1], PREFIX, rows[1:2], 5, eos_token_id=-1)[0]  # row 1: image 0
+    torch.testing.assert_close(upper.next_token_logits(pix, PREFIX, rows, image_index=which),
+                               full.next_token_logits(pix, PREFIX, rows, image_index=which), atol=2e-5, rtol=1e-4)

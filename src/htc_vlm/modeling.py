@@ -34,7 +34,7 @@ from .cache import VisualCache
 from .configuration import HTCConfig
 from .data.processor import ImageProcessing
 from .errors import HTCError
-from .layout import IMAGE, PAD, VOCO, check_context, image_prompt_ids, positions, token_kinds
+from .layout import IMAGE, PAD, VOCO, check_context, image_prompt_ids, left_pad, positions, token_kinds
 from .masking import attention_mask_4d, block_mask
 from .pooling import QFormerPooler
 from .vision import Projector, patch_features
@@ -338,6 +338,41 @@ class HTCForConditionalGeneration(HTCPreTrainedModel, GenerationMixin):
         new = kwargs.get("max_new_tokens") or self.generation_config.max_new_tokens or 0
         check_context(self.config, visual_cache.next_position + input_ids.shape[1] + new, "a question")
         return super().generate(**self.answer_inputs(visual_cache, input_ids, attention_mask), **kwargs)
+
+    # ---------------------------------------------------------------- the Answerer interface (answerer.py)
+
+    reuses_image_cache = True  # each image is compressed once; its cache answers all of its questions
+
+    @torch.no_grad()
+    def generate_answers(self, pixel_values: torch.Tensor | None, prefix_ids: list[int], rows: list[list[int]],
+                         max_new_tokens: int, eos_token_id: int, *, latents: torch.Tensor | None = None,
+                         image_index: list[int] | None = None, pad_token_id: int = 0,
+                         batch_size: int | None = None) -> list[list[int]]:
+        """Greedy answers: the I images compressed once, then ``rows`` answered from their caches in
+        batches of ``batch_size`` (default: all at once); see :class:`~htc_vlm.answerer.Answerer`."""
+        from .answerer import rows_images
+
+        cache = self.compress(pixel_values, latents, prefix_ids=prefix_ids)  # (I, H, K, Dh)
+        which, step, out = rows_images(image_index, len(rows)), batch_size or max(1, len(rows)), []
+        for b in range(0, len(rows), step):
+            ids, mask = left_pad(rows[b:b + step], pad_token_id)  # (R', L)
+            gen = self.generate(ids, visual_cache=cache.select(which[b:b + step]), attention_mask=mask,
+                                max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_token_id,
+                                pad_token_id=pad_token_id)
+            for row in gen[:, ids.shape[1]:].tolist():
+                out.append(row[: row.index(eos_token_id)] if eos_token_id in row else row)
+        return out
+
+    @torch.no_grad()
+    def next_token_logits(self, pixel_values: torch.Tensor | None, prefix_ids: list[int], rows: list[list[int]], *,
+                          latents: torch.Tensor | None = None, image_index: list[int] | None = None,
+                          pad_token_id: int = 0) -> torch.Tensor:
+        """(R, V): the logits after each row's prompt, from the images' caches."""
+        from .answerer import rows_images
+
+        cache = self.compress(pixel_values, latents, prefix_ids=prefix_ids)
+        ids, mask = left_pad(rows, pad_token_id)
+        return self(**self.answer_inputs(cache.select(rows_images(image_index, len(rows))), ids, mask)).logits[:, -1]
 
     def fingerprint(self) -> str:
         """Identifies the weights and compression layout, stable across save/load (not dtype-blind)."""

@@ -37,7 +37,7 @@ class HTCLmms(lmms):
         from ..vq.store import FeatureStore
 
         self.model = load_for_method(pretrained, method)
-        if getattr(self.model, "question_aware", False):
+        if not self.model.reuses_image_cache:
             raise HTCError(f"method {method!r} chooses tokens per question and has no compress-once cache; "
                            f"evaluate it with `htc-vlm eval --method {method}`")
         self.tok = AutoTokenizer.from_pretrained(pretrained)

@@ -20,7 +20,7 @@ from ..data.scenes import mc_prompt
 from ..errors import HTCError
 from ..io import atomic_write_bytes
 from ..data.llava import PromptBuilder, get_template
-from ..layout import check_context, image_prompt_ids, left_pad
+from ..layout import check_context, image_prompt_ids
 from ..inference import ImageEncoder
 from .answering import answer_questions
 from .scorers import get_benchmark
@@ -169,12 +169,8 @@ def answer_by_likelihood(model, tokenizer, rows: list[dict], source: ImageEncode
         chunk = rows[b:b + batch_size]
         pix, q = source.batch([r["image"] for r in chunk])
         rows_ids = [builder.question_ids(prompt(r)) for r in chunk]
-        if getattr(model, "question_aware", False):
-            logits = model.next_token_logits(pix, builder.prefix_ids(), rows_ids)
-        else:
-            cache = model.compress(pix, q, prefix_ids=builder.prefix_ids())
-            ids, mask = left_pad(rows_ids, tokenizer.pad_token_id)
-            logits = model(**model.answer_inputs(cache, ids, mask)).logits[:, -1]  # (Q, V)
+        logits = model.next_token_logits(pix, builder.prefix_ids(), rows_ids, latents=q,
+                                         pad_token_id=tokenizer.pad_token_id)  # (Q, V), one image per row
         for r, row_logits in zip(chunk, logits):
             letters = "ABCDEFGH"[: len(r.get("options") or "ABCD")]
             letter_ids = [tokenizer.convert_tokens_to_ids(x) for x in letters]

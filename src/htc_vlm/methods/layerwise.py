@@ -9,9 +9,11 @@ with the original RoPE positions kept (as FastV's code does); for the tokens tha
 exactly what removing the token from the sequence computes. The selection is made once from the
 prompt (its last token's attention), as with a KV cache, and answer tokens see only what is kept.
 
-The language model is run layer by layer through its public modules; this needs the pre-norm
-decoder layer of Llama / Mistral / Qwen2 (``input_layernorm``, ``self_attn``,
-``post_attention_layernorm``, ``mlp``) and eager attention, which returns attention weights.
+The language model is run layer by layer, each decoder layer called whole with its own mask;
+the attention weights a selection reads come from a forward hook on the layer's ``self_attn``
+(eager attention returns them). It answers through the same :class:`~htc_vlm.answerer.Answerer`
+interface as the compressing models, with a greedy loop of its own that a test compares with
+transformers' ``generate`` on the upper bound at the full budget.
 
 Shape notation: B rows (one question each), T sequence, K visual tokens, H heads, V vocabulary.
 """
@@ -22,6 +24,7 @@ import hashlib
 
 import torch
 
+from ..answerer import rows_images
 from ..errors import HTCError
 from ..layout import check_context, positions
 from ..modeling import HTCForConditionalGeneration
@@ -31,7 +34,7 @@ class QuestionAwareVLM:
     """An uncompressed model answering through its own visual tokens and selection. Subclasses
     override :meth:`visual_tokens` (ToMe) and/or :meth:`select` with ``score_layers`` (FastV...)."""
 
-    question_aware = True  # tells the evaluator to run image + question together
+    reuses_image_cache = False  # Answerer: the visual tokens depend on the question, so nothing is reused
     score_layers: tuple[int, ...] = ()  # layers whose attention weights select() reads
 
     def __init__(self, model: HTCForConditionalGeneration, budget: int | None):
@@ -42,11 +45,9 @@ class QuestionAwareVLM:
         self.budget = model.config.num_patches if budget is None else budget
         if not 1 <= self.budget <= model.config.num_patches:
             raise HTCError(f"budget must be between 1 and the {model.config.num_patches} patch tokens, got {self.budget}")
-        lm = model.model.language_model
-        layer = lm.layers[0]
-        for attr in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"):
-            if not hasattr(layer, attr):
-                raise HTCError(f"{type(layer).__name__} has no {attr}: layer-wise pruning needs a Llama-style decoder")
+        layer = model.model.language_model.layers[0]
+        if not hasattr(layer, "self_attn"):
+            raise HTCError(f"{type(layer).__name__} has no self_attn: layer-wise pruning reads its attention weights")
         self.kept_counts: list[int] = []  # visual tokens each layer's queries saw, last call, row 0
 
     def eval(self):
@@ -90,21 +91,24 @@ class QuestionAwareVLM:
         idx = torch.arange(t, device=embeds.device)
         eye = (idx[:, None] == idx[None, :])[None]
         base = (idx[None, :] <= idx[:, None])[None] & pad_mask.bool()[:, None, :]  # (B, T, T) causal, no pad keys
-        kept, h, counts = visual.clone(), embeds, []
-        for i, layer in enumerate(lm.layers):
-            allowed = (base & ~(visual & ~kept)[:, None, :]) | eye
-            mask = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device)
-            mask = mask.masked_fill_(~allowed, torch.finfo(h.dtype).min)[:, None]  # additive: eager adds it
-            counts.append(int(kept[0].sum()))
-            residual = h
-            a, weights = layer.self_attn(hidden_states=layer.input_layernorm(h), attention_mask=mask,
-                                         position_ids=pos, position_embeddings=pe)
-            h = residual + a
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-            if i in self.score_layers:
-                if weights is None:
-                    raise HTCError("layer-wise pruning needs eager attention weights")
-                kept = self.select(i, weights, kept, visual, text, query)
+        kept, h, counts, seen = visual.clone(), embeds, [], {}
+        hooks = [lm.layers[i].self_attn.register_forward_hook(lambda _m, _a, out, i=i: seen.__setitem__(i, out[1]))
+                 for i in self.score_layers if i < len(lm.layers)]  # out: (attention output, weights)
+        try:
+            for i, layer in enumerate(lm.layers):
+                allowed = (base & ~(visual & ~kept)[:, None, :]) | eye
+                mask = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device)
+                mask = mask.masked_fill_(~allowed, torch.finfo(h.dtype).min)[:, None]  # additive: eager adds it
+                counts.append(int(kept[0].sum()))
+                h = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=pe)
+                if i in self.score_layers:
+                    weights = seen.pop(i, None)
+                    if weights is None:
+                        raise HTCError("layer-wise pruning needs eager attention weights")
+                    kept = self.select(i, weights, kept, visual, text, query)
+        finally:
+            for hook in hooks:
+                hook.remove()
         self.kept_counts = counts
         return self.model.lm_head(lm.norm(h))
 
@@ -130,15 +134,20 @@ class QuestionAwareVLM:
         return embeds, pad_mask, visual
 
     @torch.no_grad()
-    def next_token_logits(self, pixel_values: torch.Tensor, prefix_ids: list[int], rows: list[list[int]]) -> torch.Tensor:
-        """(B, V): the logits after each question (multiple-choice scoring)."""
+    def next_token_logits(self, pixel_values: torch.Tensor, prefix_ids: list[int], rows: list[list[int]], *,
+                          latents: torch.Tensor | None = None, image_index: list[int] | None = None,
+                          pad_token_id: int = 0) -> torch.Tensor:
+        """(R, V): the logits after each question (multiple-choice scoring); ``latents`` are not read."""
+        pixel_values = _per_row(pixel_values, image_index, len(rows))
         embeds, pad_mask, visual = self._layout(pixel_values, prefix_ids, rows)
         return self._run(embeds, pad_mask, visual, embeds.shape[1] - 1)[:, -1]
 
     @torch.no_grad()
     def generate_answers(self, pixel_values: torch.Tensor, prefix_ids: list[int], rows: list[list[int]],
-                         max_new_tokens: int, eos_token_id: int) -> list[list[int]]:
-        """Greedy answers, one per row (each row's image in ``pixel_values``), without the prompt."""
+                         max_new_tokens: int, eos_token_id: int, *, latents: torch.Tensor | None = None,
+                         image_index: list[int] | None = None, pad_token_id: int = 0) -> list[list[int]]:
+        """Greedy answers, one per row, without the prompt (see :class:`~htc_vlm.answerer.Answerer`)."""
+        pixel_values = _per_row(pixel_values, image_index, len(rows))
         embeds, pad_mask, visual = self._layout(pixel_values, prefix_ids, rows, max_new_tokens)
         query = embeds.shape[1] - 1  # the selection reads the prompt's last token, fixed while decoding
         emb = self.model.get_input_embeddings()
@@ -156,6 +165,11 @@ class QuestionAwareVLM:
             pad_mask = torch.cat([pad_mask, pad_mask.new_ones(len(rows), 1)], dim=1)
             visual = torch.cat([visual, visual.new_zeros(len(rows), 1)], dim=1)
         return [[x for x in o if x != eos_token_id] for o in out]
+
+
+def _per_row(pixel_values: torch.Tensor, image_index: list[int] | None, n_rows: int) -> torch.Tensor:
+    """(R, 3, H, W): each row's image (the images as given when they are one per row already)."""
+    return pixel_values if image_index is None else pixel_values[rows_images(image_index, n_rows)]
 
 
 def attention_to_visual(attn: torch.Tensor, queries: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:

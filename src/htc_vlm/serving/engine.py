@@ -129,7 +129,7 @@ class Limits:
 class Engine:
     def __init__(self, model, tokenizer, store: CacheStore, template: str = "plain", vq=None,
                  limits: Limits | None = None):
-        if getattr(model, "question_aware", False):
+        if not model.reuses_image_cache:
             raise HTCError("this method chooses visual tokens per question and has no compress-once cache: "
                            "it cannot be served from caches (evaluate it with `htc-vlm eval --method ...`)")
         self.model, self.tok, self.store = model.eval(), tokenizer, store

@@ -313,3 +313,25 @@ def test_siglip_tower_without_cls_token():
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
     with pytest.raises(HTCError, match="drops a CLS token, but vision_has_cls=False"):
         tiny_config(vision_config=vision.to_dict(), vision_has_cls=False)
+
+
+def test_the_kv_cache_goes_under_the_name_transformers_takes_without_deprecation_warnings():
+    """transformers 5.24 renamed `past_key_values` to `cache` (the old name goes in 5.40): the
+    model takes either and passes it on under the installed version's name, so compress, a cached
+    forward and generate neither warn nor break when the old name is removed."""
+    import warnings
+
+    model = tiny_model(compression="voco").eval()
+    pix, q = images(model.config, b=1)
+    ids, mask = left_pad([[10, 11, 12]])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*(past_key_values|`cache`).*", category=FutureWarning)
+        cache = model.compress(pix, q)
+        inputs = model.answer_inputs(cache, ids, mask)
+        key = next(k for k in ("cache", "past_key_values") if k in inputs)
+        by_name = model(**inputs).logits
+        other = "past_key_values" if key == "cache" else "cache"
+        renamed = model(**{k: v for k, v in inputs.items() if k != key}, **{other: cache.to_dynamic_cache()}).logits
+        out = model.generate(ids, visual_cache=cache, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    torch.testing.assert_close(by_name, renamed)
+    assert out.shape == (1, 6)

@@ -18,7 +18,9 @@ Shape notation: B batch, T sequence, N patches, N_d anchors, D language-model wi
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 from pathlib import Path
 
 import torch
@@ -60,6 +62,17 @@ def check_model_folder(path: Path) -> None:
                        f"(config.json model_type {model_type!r}, expected {HTCConfig.model_type!r}){hint}")
 
 
+@functools.cache
+def _cache_argument_of(forward) -> str:
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def _cache_argument(lm: nn.Module) -> str:
+    """The name under which ``lm``'s forward takes its KV cache: ``cache`` from transformers 5.24 on,
+    ``past_key_values`` before."""
+    return _cache_argument_of(type(lm).forward)
+
+
 class HTCPreTrainedModel(PreTrainedModel):
     config: HTCConfig
     config_class = HTCConfig
@@ -68,7 +81,7 @@ class HTCPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_flex_attn = True  # the mask then goes in as a BlockMask (masking.block_mask)
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
 
     def _init_weights(self, module):
         """transformers' defaults, plus our one bare parameter: parameters a checkpoint lacks (a new
@@ -215,6 +228,7 @@ class HTCForConditionalGeneration(HTCPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
         segment_ids: torch.LongTensor | None = None,
+        cache=None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits (and the answer loss of Eq. 9 when ``labels`` are given, -100 = ignored).
@@ -227,6 +241,11 @@ class HTCForConditionalGeneration(HTCPreTrainedModel, GenerationMixin):
         """
         lm = self.model.language_model
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)  # the Trainer's count, for accumulation
+        # transformers 5.24 renamed the KV cache argument `past_key_values` to `cache` (the old name goes in
+        # 5.40): take either, and hand it on under the name this language model takes (nothing when None)
+        past_key_values = cache if cache is not None else past_key_values
+        if past_key_values is not None:
+            kwargs[_cache_argument(lm)] = past_key_values
         has_image = input_ids is not None and bool((input_ids == self.config.image_token_id).any())
         if has_image or pixel_values is not None or discrete_latents is not None or segment_ids is not None:
             if input_ids is None:
@@ -240,12 +259,12 @@ class HTCForConditionalGeneration(HTCPreTrainedModel, GenerationMixin):
             mask = self._mask(kinds, embeds.dtype, segment_ids)
             out = lm(inputs_embeds=embeds, attention_mask=mask,
                      position_ids=position_ids if position_ids is not None else positions(am),
-                     past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+                     use_cache=use_cache, **kwargs)
         else:
             if inputs_embeds is None:
                 inputs_embeds = self.get_input_embeddings()(input_ids)
             out = lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                     past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+                     use_cache=use_cache, **kwargs)
         hidden = out.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
@@ -287,8 +306,8 @@ class HTCForConditionalGeneration(HTCPreTrainedModel, GenerationMixin):
         Returns a :class:`VisualCache` with the prefix and voco positions of every layer (every
         position when compression is off), shape (B, kv_heads, len(prefix) + num_voco, head_dim).
         """
-        kinds, out = self.image_prefill(pixel_values, discrete_latents, prefix_ids,
-                                        past_key_values=DynamicCache(config=self.config.text_config), use_cache=True)
+        fresh = {_cache_argument(self.model.language_model): DynamicCache(config=self.config.text_config)}
+        kinds, out = self.image_prefill(pixel_values, discrete_latents, prefix_ids, use_cache=True, **fresh)
         t = kinds.shape[1]
         keep = (kinds[0] != IMAGE).nonzero().flatten() if self.config.compresses else torch.arange(t, device=kinds.device)
         layers = out.past_key_values.layers
@@ -317,7 +336,8 @@ class HTCForConditionalGeneration(HTCPreTrainedModel, GenerationMixin):
         ones = am.new_ones(am.shape[0], visual_cache.length)
         return {"input_ids": input_ids, "attention_mask": torch.cat([ones, am], dim=1),
                 "position_ids": visual_cache.next_position + positions(am),
-                "past_key_values": visual_cache.to_dynamic_cache()}
+                # `cache` from transformers 5.24 on (generate and the models were renamed together)
+                _cache_argument(self.model.language_model): visual_cache.to_dynamic_cache()}
 
     def generate(self, input_ids: torch.Tensor | None = None, *, visual_cache: VisualCache | None = None,
                  pixel_values: torch.Tensor | None = None, discrete_latents: torch.Tensor | None = None,

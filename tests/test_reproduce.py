@@ -1,4 +1,5 @@
 import json
+import time
 
 import pytest
 
@@ -317,3 +318,67 @@ def test_an_inline_stage_writes_its_output_to_its_log_not_the_terminal(tmp_path,
     assert "loss" not in term and "progress 10/10" not in term
     assert sorted((out / "logs" / "base_noisy.log").read_text().splitlines()) == ["progress 10/10", "{'loss': 0.5}"]
     assert "logs/base_noisy.log" in term and "base/noisy: done in" in term
+
+
+def test_a_terminal_gets_a_live_display_fed_by_the_stages_progress_files(tmp_path, monkeypatch):
+    """On a terminal, `reproduce` draws the stages done / running / left and a bar per running stage
+    from the progress file each stage writes (here a stage reporting half its steps, with a loss),
+    while the stage's own output still goes to its log; off a terminal nothing is drawn."""
+    import os
+
+    from rich.console import Console
+    from rich.text import Text
+
+    import htc_vlm.reproduce as rp
+    from htc_vlm.progress import ENV, report
+
+    seen = {}
+
+    def stage(root, preset):
+        report(5, 10, force=True, loss=0.25)
+        seen["progress"] = json.loads(open(os.environ[ENV]).read())
+        seen["rows"] = live_rows()
+        print("the stage's own output")
+        time.sleep(1.2)  # the display refreshes twice a second, from another thread, onto the terminal
+        return {"outputs": "", "command": ""}
+
+    monkeypatch.setattr(rp, "stages", lambda p: [rp.Stage("base/half", stage, "a stage at half way")])
+    monkeypatch.delenv(ENV, raising=False)  # (tests that run pooled stages on threads may leave it set)
+    made = {}
+    real = rp._live_console
+
+    def spy(console, live):
+        made["live"] = live
+        return real(console, live)
+
+    monkeypatch.setattr(rp, "_live_console", spy)
+    live_rows = lambda: made["live"].rows()  # noqa: E731
+    screen = tmp_path / "screen"
+    with open(screen, "w") as f:
+        rp.run(tmp_path / "run", quick=True, console=Console(file=f, force_terminal=True, width=120))
+    assert seen["progress"]["done"] == 5 and seen["progress"]["total"] == 10 and seen["progress"]["loss"] == 0.25
+    (name, frac, text), = seen["rows"]
+    assert name == "base/half" and frac == 0.5 and text.startswith("5/10, loss 0.250, ") and text.endswith("min left")
+    drawn = screen.read_text()
+    assert "base/half: done in" in drawn and "the stage's own output" not in drawn
+    assert "5/10, loss 0.250" in drawn and "1 running" in Text.from_ansi(drawn).plain  # drawn while the stage ran
+    assert "the stage's own output" in (tmp_path / "run" / "logs" / "base_half.log").read_text()
+    assert ENV not in os.environ  # restored after the stage
+    assert rp._live_console(Console(file=open(os.devnull, "w")), made["live"])[1] is None  # not a terminal
+
+
+def test_the_trainer_callback_reports_steps_and_the_last_loss_only_when_asked(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from htc_vlm.progress import ENV, ProgressCallback, read
+
+    cb, path = ProgressCallback(), tmp_path / "p.json"
+    state = SimpleNamespace(global_step=20, max_steps=20, is_world_process_zero=True)
+    cb.on_log(None, state, None, logs={"loss": 0.75, "learning_rate": 1e-3})
+    monkeypatch.delenv(ENV, raising=False)
+    cb.on_step_end(None, state, None)
+    assert not path.exists()  # no variable: nothing written
+    monkeypatch.setenv(ENV, str(path))
+    cb.on_step_end(None, state, None)
+    p = read(path)
+    assert (p["done"], p["total"], p["loss"]) == (20, 20, 0.75)

@@ -33,6 +33,7 @@ from typing import Callable
 
 from .errors import HTCError
 from .io import atomic_dir, atomic_write_bytes
+from .progress import LiveStatus
 
 FAMILY_BENCHMARKS = {"open": "scenes_open", "pope_random": "pope", "pope_popular": "pope",
                      "pope_adversarial": "pope", "mme": "mme", "mc": "mmbench"}
@@ -222,12 +223,13 @@ def _stage_vision(root: Path, preset: RunPreset) -> dict:
 
 
 def _stage_tokenizer(root: Path, preset: RunPreset) -> dict:
+    from .progress import report
     from .vq.model import vq_preset
     from .vq.train import VQTrainConfig, train_tokenizer
 
     m = train_tokenizer(root / "scenes" / "images", root / "vq", replace(vq_preset("tiny"), image_size=preset.image_size),
                         VQTrainConfig(steps=preset.vq_steps, eval_every=max(1, preset.vq_steps // 4), seed=preset.seed),
-                        log=lambda msg: None)
+                        log=lambda msg: None, progress=lambda step, total, loss: report(step, total, loss=loss))
     return {"outputs": str(root / "vq" / "tokenizer"), "psnr_db": round(m["psnr"], 2),
             "min_codebook_usage": round(m["min_usage"], 3),
             "command": f"htc-vlm train-tokenizer --images {root / 'scenes' / 'images'} --out {root / 'vq'} "
@@ -313,7 +315,8 @@ def _evaluate(root: Path, key: str, model_dir: Path, method: str, budget: int | 
     from transformers import AutoTokenizer
 
     from .data.scenes import read_jsonl
-    from .evaluation.runner import accuracy_by, run_eval
+    from .evaluation.runner import accuracy_by, run_eval, scored_rows
+    from .progress import report
 
     model, store = _load(root, model_dir, method, budget)
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -321,8 +324,14 @@ def _evaluate(root: Path, key: str, model_dir: Path, method: str, budget: int | 
     for family in families:
         bench = FAMILY_BENCHMARKS[family]
         qfile = root / "scenes" / split / f"{family}.jsonl"
+        total, answered = len(scored_rows(bench, qfile)), [0]
+
+        def progress(n, family=family, total=total, answered=answered):
+            answered[0] += n
+            report(answered[0], total, force=answered[0] >= total, family=family)
+
         r = run_eval(model, tok, bench, qfile, root / "scenes" / "images", root / "eval" / key / family,
-                     method=method, features=store, model_name=str(model_dir))
+                     method=method, features=store, model_name=str(model_dir), progress=progress)
         scores[family] = round(r["scores"][bench], 2)
         if family == "open":
             acc = accuracy_by(root / "eval" / key / family / "predictions.jsonl", read_jsonl(qfile), lambda q: q["tag"])
@@ -540,6 +549,8 @@ def run(out: Path, preset: str = "tiny", quick: bool = False, only: list[str] | 
     waiting_for = {s.name for s in pending}
     threads = max(1, _cores() // jobs)
     t_start, spent = time.perf_counter(), []
+    live = LiveStatus(len(pending), t_start)
+    console, display = _live_console(console, live) if pending else (console, None)
 
     def started(stage: Stage, where: str) -> float:
         eta = ""
@@ -548,6 +559,7 @@ def run(out: Path, preset: str = "tiny", quick: bool = False, only: list[str] | 
             eta = f", about {sum(spent) / len(spent) * left / (jobs if stage.pooled else 1) / 60:.0f} min left"
         _say(console, f"[{number[stage.name]}/{len(todo)}] {stage.name}: {stage.help}{where} "
                       f"({(time.perf_counter() - t_start) / 60:.1f} min so far{eta})")
+        live.start(stage.name, _log_of(out, stage).with_suffix(".progress.json"))
         return time.perf_counter()
 
     def finished(stage: Stage, t0: float, summary: dict, n_threads: int) -> None:
@@ -558,9 +570,11 @@ def run(out: Path, preset: str = "tiny", quick: bool = False, only: list[str] | 
         waiting_for.discard(stage.name)
         save()
         write_report(out, record)
+        live.finish(stage.name)
         _say(console, f"[{number[stage.name]}/{len(todo)}] {stage.name}: done in {spent[-1]:.0f} s")
 
     def failed(stage: Stage, error: str, trace: str) -> None:
+        live.finish(stage.name)
         call["wall_s"] = round(time.perf_counter() - t_start, 2)
         record["stages"][stage.name] = {"status": "failed", "error": error, "traceback": trace}
         save()
@@ -585,7 +599,7 @@ def run(out: Path, preset: str = "tiny", quick: bool = False, only: list[str] | 
                     if len(running) >= jobs:
                         break
                     pool = pool or _make_pool(jobs, threads)
-                    log = out / "logs" / (stage.name.replace("/", "_") + ".log")
+                    log = _log_of(out, stage)
                     t0 = started(stage, f" (worker, {threads} thread{'s' * (threads > 1)}; log {log.relative_to(out)})")
                     fut = pool.submit(_pooled_stage, str(out), preset, quick, seeds, stage.name, str(log),
                                       p.base_per_seed)
@@ -594,10 +608,10 @@ def run(out: Path, preset: str = "tiny", quick: bool = False, only: list[str] | 
                     launched = True
                 elif not running:  # an unpooled stage runs alone, here, its output (the Trainer's) to its log
                     pending.remove(stage)
-                    log = out / "logs" / (stage.name.replace("/", "_") + ".log")
+                    log = _log_of(out, stage)
                     t0 = started(stage, f" (log {log.relative_to(out)})")
                     try:
-                        with _output_to(log):
+                        with _output_to(log), _progress_to(log):
                             summary = stage.run(out, p)
                     except Exception as e:
                         failed(stage, f"{type(e).__name__}: {e}", traceback.format_exc())
@@ -629,6 +643,8 @@ def run(out: Path, preset: str = "tiny", quick: bool = False, only: list[str] | 
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+        if display is not None:
+            display.stop()
     if error:
         raise error
     write_report(out, record)
@@ -667,11 +683,51 @@ def _pooled_stage(out: str, preset: str, quick: bool, seeds: int | None, name: s
     The worker's output (progress bars, warnings) goes to ``log``, not over the scheduler's lines."""
     p = get_preset(preset, quick, seeds, base_per_seed)
     stage = next(s for s in stages(p) if s.name == name)
-    with _output_to(Path(log)):
+    with _output_to(Path(log)), _progress_to(Path(log)):
         try:
             return True, stage.run(Path(out), p), ""
         except Exception as e:  # noqa: BLE001 -- reported to the scheduler, which records and raises it
             return False, f"{type(e).__name__}: {e}", traceback.format_exc()
+
+
+def _log_of(out: Path, stage: Stage) -> Path:
+    """The stage's log file (its progress file sits beside it, ``.progress.json``)."""
+    return out / "logs" / (stage.name.replace("/", "_") + ".log")
+
+
+@contextmanager
+def _progress_to(log: Path):
+    """Point :mod:`htc_vlm.progress` at the stage's progress file for the duration."""
+    from .progress import ENV
+
+    path = log.with_suffix(".progress.json")
+    path.unlink(missing_ok=True)  # a file of an earlier call would show its old count
+    before = os.environ.get(ENV)
+    os.environ[ENV] = str(path)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = before
+
+
+def _live_console(console, live):
+    """(the console stage lines go to, the live display or None). On a terminal, the display of
+    :class:`~htc_vlm.progress.LiveStatus` runs on a copy of the terminal's file descriptor, so that it
+    keeps drawing while a stage's own output goes to its log; elsewhere (CI, a pipe) lines only."""
+    if console is None or not console.is_terminal:
+        return console, None
+    from rich.console import Console
+    from rich.live import Live
+
+    term = Console(file=os.fdopen(os.dup(console.file.fileno()), "w", buffering=1), force_terminal=True,
+                   soft_wrap=True)
+    display = Live(live, console=term, refresh_per_second=2, redirect_stdout=False, redirect_stderr=False,
+                   transient=True)
+    display.start()
+    return term, display
 
 
 @contextmanager

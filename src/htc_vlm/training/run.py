@@ -33,6 +33,7 @@ from ..errors import HTCError
 from ..io import atomic_dir
 from ..modeling import HTCForConditionalGeneration
 from ..presets import build_config
+from ..progress import ProgressCallback
 from .config import TrainConfig, deepspeed_path
 from .plateau import FLAT_TOLERANCE, StopWhenFlat, is_flat, relative_gain, val_curve
 
@@ -227,7 +228,7 @@ def _train_vision(cfg: TrainConfig, callbacks) -> Path:
 
 def train(cfg: TrainConfig, callbacks: list | None = None) -> Path:
     """Run (or resume) one stage; returns the folder of the final model."""
-    callbacks = [CommitMarker()] + list(callbacks or [])
+    callbacks = [CommitMarker(), ProgressCallback()] + list(callbacks or [])  # progress: for reproduce's display
     if cfg.stage == "vision":
         return _train_vision(cfg, callbacks)
     tokenizer = load_tokenizer(cfg)

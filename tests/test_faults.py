@@ -4,6 +4,7 @@ the test chooses: once the command has written a given number of results (predic
 batches, checkpoints, finished stages)."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -23,7 +24,11 @@ def _kill_after(args, done, sig=signal.SIGKILL, timeout=120.0):
     """Start ``htc-vlm args`` in a process, send it ``sig`` as soon as ``done()`` is true; True if it
     was stopped so (False: it finished first, the test then has nothing to check). For SIGINT (Ctrl-C)
     the process must exit by itself with 130 and say how to resume, without a traceback."""
-    proc = subprocess.Popen([sys.executable, "-c", RUN, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # the same thread count as this process (conftest's), whatever OMP_NUM_THREADS says: the resumed
+    # run here must round as the killed one there did
+    env = os.environ | {"OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen([sys.executable, "-c", RUN, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=env)
     t0 = time.monotonic()
     try:
         while proc.poll() is None and time.monotonic() - t0 < timeout:

@@ -2,6 +2,7 @@ import json
 import time
 
 import pytest
+import torch
 
 from htc_vlm.cli import main
 
@@ -382,3 +383,27 @@ def test_the_trainer_callback_reports_steps_and_the_last_loss_only_when_asked(tm
     cb.on_step_end(None, state, None)
     p = read(path)
     assert (p["done"], p["total"], p["loss"]) == (20, 20, 0.75)
+
+
+def test_the_provenance_commands_of_the_first_stages_reproduce_their_outputs(tmp_path):
+    """The command a stage records (the report's provenance table) is the stage: run through the
+    CLI into another folder, it writes the same scenes, tokenizer weights and features."""
+    import shlex
+
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    assert main(["reproduce", "--quick", "--out", str(out), "--only", "scenes", "--only", "tokenizer",
+                 "--only", "features"]) == 0
+    stages = json.loads((out / "run.json").read_text())["stages"]
+    again = tmp_path / "again"
+    for name in ("scenes", "tokenizer", "features"):
+        args = shlex.split(stages[name]["command"].replace(str(out), str(again)))
+        assert args[0] == "htc-vlm" and main(args[1:]) == 0, stages[name]["command"]
+    files = lambda root: sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())  # noqa: E731
+    assert files(out / "scenes") == files(again / "scenes")
+    assert all((out / "scenes" / f).read_bytes() == (again / "scenes" / f).read_bytes() for f in files(out / "scenes"))
+    a, b = (load_file(r / "vq" / "tokenizer" / "model.safetensors") for r in (out, again))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a, b = (load_file(r / "features.safetensors") for r in (out, again))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -201,6 +201,7 @@ def test_both_kinds_of_model_answer_through_one_interface_with_the_same_answers(
     assert upper.reuses_image_cache and not full.reuses_image_cache
     cached = upper.generate_answers(pix, PREFIX, rows, 5, eos_token_id=-1, image_index=which, batch_size=2)
     assert cached == full.generate_answers(pix, PREFIX, rows, 5, eos_token_id=-1, image_index=which)
+    assert cached == full.generate_answers(pix, PREFIX, rows, 5, eos_token_id=-1, image_index=which, batch_size=2)
     assert cached[1] == upper.generate_answers(pix[:1], PREFIX, rows[1:2], 5, eos_token_id=-1)[0]  # row 1: image 0
     torch.testing.assert_close(upper.next_token_logits(pix, PREFIX, rows, image_index=which),
                                full.next_token_logits(pix, PREFIX, rows, image_index=which), atol=2e-5, rtol=1e-4)

@@ -29,10 +29,12 @@ class Answerer(Protocol):
 
     def generate_answers(self, pixel_values: torch.Tensor, prefix_ids: list[int], rows: list[list[int]],
                          max_new_tokens: int, eos_token_id: int, *, latents: torch.Tensor | None = None,
-                         image_index: list[int] | None = None, pad_token_id: int = 0) -> list[list[int]]:
+                         image_index: list[int] | None = None, pad_token_id: int = 0,
+                         batch_size: int | None = None) -> list[list[int]]:
         """Greedy answer ids (prompt and end-of-answer token left out), one list per row. Row r asks
         about image ``image_index[r]`` of ``pixel_values`` (I, 3, H, W) (default: image r);
-        ``latents`` (I, ...) are the images' discrete latents, for methods that read them."""
+        ``latents`` (I, ...) are the images' discrete latents, for methods that read them. At most
+        ``batch_size`` rows go through the model at once (default: all)."""
         ...
 
     def next_token_logits(self, pixel_values: torch.Tensor, prefix_ids: list[int], rows: list[list[int]], *,

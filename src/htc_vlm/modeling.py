@@ -32,6 +32,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .anchors import AnchorProjector
+from .answerer import rows_images
 from .cache import VisualCache
 from .configuration import HTCConfig
 from .data.processor import ImageProcessing
@@ -370,8 +371,6 @@ class HTCForConditionalGeneration(HTCPreTrainedModel, GenerationMixin):
                          batch_size: int | None = None) -> list[list[int]]:
         """Greedy answers: the I images compressed once, then ``rows`` answered from their caches in
         batches of ``batch_size`` (default: all at once); see :class:`~htc_vlm.answerer.Answerer`."""
-        from .answerer import rows_images
-
         cache = self.compress(pixel_values, latents, prefix_ids=prefix_ids)  # (I, H, K, Dh)
         which, step, out = rows_images(image_index, len(rows)), batch_size or max(1, len(rows)), []
         for b in range(0, len(rows), step):
@@ -388,8 +387,6 @@ class HTCForConditionalGeneration(HTCPreTrainedModel, GenerationMixin):
                           latents: torch.Tensor | None = None, image_index: list[int] | None = None,
                           pad_token_id: int = 0) -> torch.Tensor:
         """(R, V): the logits after each row's prompt, from the images' caches."""
-        from .answerer import rows_images
-
         cache = self.compress(pixel_values, latents, prefix_ids=prefix_ids)
         ids, mask = left_pad(rows, pad_token_id)
         return self(**self.answer_inputs(cache.select(rows_images(image_index, len(rows))), ids, mask)).logits[:, -1]

@@ -559,7 +559,7 @@ def run(out: Path, preset: str = "tiny", quick: bool = False, only: list[str] | 
             eta = f", about {sum(spent) / len(spent) * left / (jobs if stage.pooled else 1) / 60:.0f} min left"
         _say(console, f"[{number[stage.name]}/{len(todo)}] {stage.name}: {stage.help}{where} "
                       f"({(time.perf_counter() - t_start) / 60:.1f} min so far{eta})")
-        live.start(stage.name, _log_of(out, stage).with_suffix(".progress.json"))
+        live.start(stage.name, _progress_file(_log_of(out, stage)))
         return time.perf_counter()
 
     def finished(stage: Stage, t0: float, summary: dict, n_threads: int) -> None:
@@ -695,12 +695,16 @@ def _log_of(out: Path, stage: Stage) -> Path:
     return out / "logs" / (stage.name.replace("/", "_") + ".log")
 
 
+def _progress_file(log: Path) -> Path:
+    return log.with_suffix(".progress.json")
+
+
 @contextmanager
 def _progress_to(log: Path):
     """Point :mod:`htc_vlm.progress` at the stage's progress file for the duration."""
     from .progress import ENV
 
-    path = log.with_suffix(".progress.json")
+    path = _progress_file(log)
     path.unlink(missing_ok=True)  # a file of an earlier call would show its old count
     before = os.environ.get(ENV)
     os.environ[ENV] = str(path)

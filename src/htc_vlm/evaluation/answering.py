@@ -31,7 +31,7 @@ def answer_questions(model: Answerer, tokenizer, questions: list[dict], source: 
         rows = [builder.question_ids(prompt(q)) for q in chunk]
         outs = model.generate_answers(pix, prefix, rows, max_new_tokens, tokenizer.eos_token_id, latents=latents,
                                       image_index=image_index, pad_token_id=tokenizer.pad_token_id,
-                                      **({"batch_size": batch_size} if model.reuses_image_cache else {}))
+                                      batch_size=batch_size)
         for q, ids in zip(chunk, outs):
             yield {"question_id": q["question_id"], "prediction": tokenizer.decode(ids, skip_special_tokens=True).strip()}
         if progress:

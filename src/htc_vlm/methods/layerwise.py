@@ -145,9 +145,14 @@ class QuestionAwareVLM:
     @torch.no_grad()
     def generate_answers(self, pixel_values: torch.Tensor, prefix_ids: list[int], rows: list[list[int]],
                          max_new_tokens: int, eos_token_id: int, *, latents: torch.Tensor | None = None,
-                         image_index: list[int] | None = None, pad_token_id: int = 0) -> list[list[int]]:
+                         image_index: list[int] | None = None, pad_token_id: int = 0,
+                         batch_size: int | None = None) -> list[list[int]]:
         """Greedy answers, one per row, without the prompt (see :class:`~htc_vlm.answerer.Answerer`)."""
         pixel_values = _per_row(pixel_values, image_index, len(rows))
+        if batch_size and len(rows) > batch_size:  # one image row per question from here on
+            return [a for b in range(0, len(rows), batch_size)
+                    for a in self.generate_answers(pixel_values[b:b + batch_size], prefix_ids, rows[b:b + batch_size],
+                                                   max_new_tokens, eos_token_id)]
         embeds, pad_mask, visual = self._layout(pixel_values, prefix_ids, rows, max_new_tokens)
         query = embeds.shape[1] - 1  # the selection reads the prompt's last token, fixed while decoding
         emb = self.model.get_input_embeddings()

@@ -179,14 +179,9 @@ class Engine:
         fut = loop.create_future()
         self._compressing[key] = fut
         try:
-            self._start()
             job = _Image(data, loop.create_future())
-            try:
-                self._images.put_nowait(job)
-            except asyncio.QueueFull:
-                raise ServeError("the server is busy: too many images waiting to be compressed; retry shortly",
-                                 429, code="rate_limit_exceeded") from None
-            self._work.set()
+            self._start()
+            self._enqueue(self._images, job, "images waiting to be compressed")
             cache = await job.future
             await loop.run_in_executor(None, self.store.put, key, cache)  # file or object-store I/O off the event loop
             fut.set_result(cache)
@@ -217,8 +212,8 @@ class Engine:
             prefix, part = cache.split(len(self.prefix))  # store the image part; the prefix is kept once
             if self._prefix_cache is None:
                 self._prefix_cache = prefix.select(0)
-            made = iter(range(len(images)))
-            out = [part.select(next(made)) if o is None else o for o in out]
+            made = (part.select(i) for i in range(len(images)))  # in the order of the good images
+            out = [next(made) if o is None else o for o in out]
         return out
 
     def cache_for(self, image_id: str) -> VisualCache:
@@ -247,13 +242,18 @@ class Engine:
             raise ServeError(str(e), 400, "messages", "context_length_exceeded") from None
         self._start()
         fut = asyncio.get_running_loop().create_future()
+        self._enqueue(self._queue, _Question(cache, ids, max_tokens, temperature, list(stop or []), fut, pieces),
+                      "questions waiting")
+        return fut
+
+    def _enqueue(self, queue: asyncio.Queue, item, what: str) -> None:
+        """Put ``item`` on one of the scheduler's queues and wake it; 429 when that queue is full."""
         try:
-            self._queue.put_nowait(_Question(cache, ids, max_tokens, temperature, list(stop or []), fut, pieces))
+            queue.put_nowait(item)
         except asyncio.QueueFull:
-            raise ServeError("the server is busy: too many questions waiting; retry shortly", 429,
+            raise ServeError(f"the server is busy: too many {what}; retry shortly", 429,
                              code="rate_limit_exceeded") from None
         self._work.set()
-        return fut
 
     def _start(self) -> None:
         if self._batcher is None or self._batcher.done():

@@ -325,6 +325,31 @@ def test_train_refuses_a_bad_override_before_anything_runs(tmp_path, capsys, ove
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("text, message", [
+    (b"stages:\n  instruct: !!python/object/apply:os.system [touch PWNED]\n", "is not plain YAML (line 2)"),
+    (b"optim: {learning_rate: [1e-3\n", "is not plain YAML"),
+    (b"- stage\n- instruct\n", "must be a mapping of config keys, not list"),
+    (b"stages: [instruct]\n", "'stages:' must map stage names"),
+    (b"optim:\n  learning_rate: \xff\xfe\n", "cannot read config file"),
+    (None, "cannot read config file"),  # a folder named like a config
+], ids=["python tag", "invalid YAML", "a list", "stages a list", "not UTF-8", "a folder"])
+def test_a_bad_config_file_is_one_clear_error(tmp_path, capsys, monkeypatch, text, message):
+    monkeypatch.chdir(tmp_path)  # where a tag that ran would leave its file
+    config = tmp_path / "bad.yaml"
+    config.mkdir() if text is None else config.write_bytes(text)
+    assert main(["train", "--config", str(config), f"output_dir={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists() and not (tmp_path / "PWNED").exists()
+
+
+def test_an_override_with_a_python_tag_builds_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    override = "optim.seed=!!python/object/apply:os.system [touch PWNED]"
+    assert main(["train", "--config", "tiny", f"output_dir={tmp_path / 'out'}", override]) == 2
+    assert "is not plain YAML" in capsys.readouterr().err and not (tmp_path / "PWNED").exists()
+
+
 @pytest.mark.parametrize("args", [
     ["train", "--config", "tiny", "--method", "voco", "--budget", "0"],
     ["encode-discrete", "--tokenizer", "t", "--images", "i", "--out", "o", "--shard-size", "-3"],

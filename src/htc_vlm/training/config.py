@@ -223,7 +223,7 @@ def _parse_override(item: str) -> dict:
     if "=" not in item:
         raise HTCError(f"override {item!r} must be key=value (e.g. optim.learning_rate=2e-5)")
     key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw else None
+    value = _yaml(raw, f"override {item!r}") if raw else None
     node: dict[str, Any] = {}
     cur = node
     parts = key.split(".")
@@ -247,10 +247,31 @@ def preset_path(name_or_path: str | Path) -> Path:
     return shipped
 
 
+def _yaml(text: str, where: str):
+    """Plain YAML data (safe_load: a Python tag builds nothing) or one error naming ``where``."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise HTCError(f"{where} is not plain YAML{at}: {problem}") from None
+
+
 def load_config(name_or_path: str | Path, overrides: list[str] = ()) -> TrainConfig:
     """A preset name or YAML path, with ``key=value`` overrides (``stage=compress``)."""
-    raw = yaml.safe_load(preset_path(name_or_path).read_text()) or {}
+    path = preset_path(name_or_path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise HTCError(f"cannot read config file {path}: {e}") from None
+    raw = _yaml(text, f"config file {path}") or {}
+    if not isinstance(raw, dict):
+        raise HTCError(f"config file {path} must be a mapping of config keys, not {type(raw).__name__}")
     stages = raw.pop("stages", {}) or {}
+    if not isinstance(stages, dict) or not all(isinstance(v, dict | None) for v in stages.values()):
+        raise HTCError(f"config file {path}: 'stages:' must map stage names to config keys")
+    stages = {k: v or {} for k, v in stages.items()}
     over: dict = {}
     for item in overrides:
         over = _merge_plain(over, _parse_override(item))

@@ -294,6 +294,7 @@ def test_a_missing_model_folder_is_not_looked_up_on_the_hub(tmp_path):
     (b'["q1", "IMG"]\n', "not a JSON object"),
     (b'{"question_id": "q1", \n', "not JSON"),
     (b"\n\n", "holds no questions"),
+    (b'{"question_id": "q1", "image": "IMG", "text": " \\n", "answer": "red"}\n', "text is empty"),
 ])
 def test_a_bad_question_file_is_named_by_its_line(model_dir, scenes_dir, tmp_path, capsys, content, message):
     image = sorted((scenes_dir / "images").glob("test_*.png"))[0].name

@@ -80,6 +80,8 @@ def test_ask_from_image_and_from_cache_agree(htc_model_dir, tiny_run, tmp_path, 
     assert capsys.readouterr().out == from_image and from_image.count("Q: ") == 2
     assert main(["ask", "--model", str(htc_model_dir), *qs]) == 2
     assert "exactly one of --image or --cache" in capsys.readouterr().err
+    assert main(["ask", "--model", str(htc_model_dir), "--cache", str(cache), qs[0], "  "]) == 2
+    assert "question 2 is empty" in capsys.readouterr().err
 
 
 def test_a_cache_from_another_model_is_refused(htc_model_dir, tiny_run, tmp_path, capsys):

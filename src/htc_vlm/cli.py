@@ -351,6 +351,8 @@ def ask(
 
     if (image is None) == (cache is None):
         raise HTCError("give exactly one of --image or --cache")
+    if empty := [i + 1 for i, q in enumerate(questions) if not q.strip()]:
+        raise HTCError(f"question {empty[0]} is empty")
     m, tok = load_model(model)
     template = template or m.config.chat_template
     if cache is not None:

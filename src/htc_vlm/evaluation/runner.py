@@ -77,6 +77,8 @@ def _question_problem(row: dict) -> str | None:
         return f"question_id must be a string or an integer, got {row['question_id']!r}"
     if not isinstance(row["text"], str):
         return f"text must be a string, got {row['text']!r}"
+    if not row["text"].strip():
+        return "text is empty"
     answers = row.get("answers")
     if answers is not None:
         if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):

@@ -150,15 +150,22 @@ def main() -> None:
 
 
 def _profile(model, tok, urls: list[str], max_tokens: int) -> None:
-    """Where (a)'s time goes: one compression, and answer batches of 1, 4 and 16 questions."""
+    """Where (a)'s time goes: compressions one at a time and in the server's batches of up to
+    ``Limits.max_compress_batch``, and answer batches of 1, 4 and 16 questions."""
     from htc_vlm.serving.engine import _Question
 
     engine = Engine(model, tok, CacheStore(0))
-    datas = [base64.b64decode(u.split(",", 1)[1]) for u in urls[:4]]
-    engine._compress(datas[0])  # warm-up
+    n = engine.limits.max_compress_batch
+    datas = [base64.b64decode(u.split(",", 1)[1]) for u in (urls * n)[:n]]
+    engine._compress(datas[:1])  # warm-up
     t0 = time.perf_counter()
-    caches = [engine._compress(d) for d in datas]
-    print(f"compress: {(time.perf_counter() - t0) / len(datas):.3f} s per image")
+    caches = [c for d in datas for c in engine._compress([d])]
+    one = (time.perf_counter() - t0) / n
+    t0 = time.perf_counter()
+    engine._compress(datas)
+    batched = (time.perf_counter() - t0) / n
+    print(f"compress: {one:.3f} s per image one at a time, {batched:.3f} s per image in a batch of {n} "
+          f"({one / batched:.2f}x)")
     ids = engine.builder.question_ids(QUESTIONS[0])
     loop = asyncio.new_event_loop()
     for b in (1, 4, 16):

@@ -319,11 +319,19 @@ def test_the_kv_cache_goes_under_the_name_transformers_takes_without_deprecation
     """transformers 5.24 renamed `past_key_values` to `cache` (the old name goes in 5.40): the
     model takes either and passes it on under the installed version's name, so compress, a cached
     forward and generate neither warn nor break when the old name is removed."""
+    import logging
     import warnings
+
+    from transformers.utils import logging as hf_logging
 
     model = tiny_model(compression="voco").eval()
     pix, q = images(model.config, b=1)
     ids, mask = left_pad([[10, 11, 12]])
+    logged: list[str] = []  # transformers also says it through its logger (once per process: the cache cleared)
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    logging.Logger.warning_once.cache_clear() if hasattr(logging.Logger, "warning_once") else None
+    hf_logging.get_logger("transformers").addHandler(handler)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*(past_key_values|`cache`).*", category=FutureWarning)
         cache = model.compress(pix, q)
@@ -333,5 +341,7 @@ def test_the_kv_cache_goes_under_the_name_transformers_takes_without_deprecation
         other = "past_key_values" if key == "cache" else "cache"
         renamed = model(**{k: v for k, v in inputs.items() if k != key}, **{other: cache.to_dynamic_cache()}).logits
         out = model.generate(ids, visual_cache=cache, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    hf_logging.get_logger("transformers").removeHandler(handler)
+    assert not [m for m in logged if "past_key_values" in m], logged
     torch.testing.assert_close(by_name, renamed)
     assert out.shape == (1, 6)

@@ -18,6 +18,7 @@ Shape notation: B batch, T sequence, N patches, N_d anchors, D language-model wi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import inspect
@@ -72,6 +73,10 @@ def _cache_argument(lm: nn.Module) -> str:
     """The name under which ``lm``'s forward takes its KV cache: ``cache`` from transformers 5.24 on,
     ``past_key_values`` before."""
     return _cache_argument_of(type(lm).forward)
+
+
+# ... and the output field that holds it (reading the old name warns from 5.24 on)
+_CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
 class HTCPreTrainedModel(PreTrainedModel):
@@ -275,8 +280,8 @@ class HTCForConditionalGeneration(HTCPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
                                    ignore_index=-100, reduction="sum")
             loss = loss / (num_items_in_batch if num_items_in_batch is not None else (labels[:, 1:] != -100).sum())
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
-                                      hidden_states=out.hidden_states, attentions=out.attentions)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                      attentions=out.attentions, **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)})
 
     # ------------------------------------------------------------------ compress once, ask many
 
@@ -311,7 +316,7 @@ class HTCForConditionalGeneration(HTCPreTrainedModel, GenerationMixin):
         kinds, out = self.image_prefill(pixel_values, discrete_latents, prefix_ids, use_cache=True, **fresh)
         t = kinds.shape[1]
         keep = (kinds[0] != IMAGE).nonzero().flatten() if self.config.compresses else torch.arange(t, device=kinds.device)
-        layers = out.past_key_values.layers
+        layers = getattr(out, _CACHE_FIELD).layers
         return VisualCache(
             keys=[layer.keys.index_select(-2, keep) for layer in layers],
             values=[layer.values.index_select(-2, keep) for layer in layers],

@@ -25,15 +25,14 @@ from transformers import AutoTokenizer
 
 from htc_vlm import HTCForConditionalGeneration
 from htc_vlm.data.llava import IGNORE, PromptBuilder, get_template
-from htc_vlm.data.scenes import LETTERS, MC_KINDS, MME_SUBTASKS, Scene, SceneObject, _mc_question, _mme_pair, read_jsonl
+from htc_vlm.data.scenes import LETTERS, MC_KINDS, MME_SUBTASKS, Scene, _mc_question, _mme_pair, read_jsonl
 
 
 def text_records(scenes_file: Path, n: int, seed: int = 0) -> list[dict]:
     rng = random.Random(f"text-records/{seed}")
     records = []
     for row in read_jsonl(scenes_file)[:n]:
-        objects = tuple(SceneObject(**{k: v for k, v in o.items() if k != "position"}) for o in row["objects"])
-        scene = Scene(row["id"], objects)
+        scene = Scene.from_json(row)
         questions = [_mc_question(scene, rng, kind) for kind in MC_KINDS]
         for sub in rng.sample(MME_SUBTASKS, 2):
             questions += _mme_pair(scene, rng, sub)

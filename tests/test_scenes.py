@@ -181,3 +181,10 @@ def test_more_verification_and_mc_questions_per_image():
         assert len(mc) == 2 and len({tuple(q.split("\n")[1].split()[:2]) for q in mc}) == 2  # two kinds
         one = S.train_conversations(scene, random.Random(scene.id), [])
         assert len(recs) - len(one) == 4 + 1  # two more pairs, one more MC question
+
+
+def test_a_scene_read_back_from_scenes_jsonl_is_the_scene_written(scenes_dir):
+    rows = S.read_jsonl(scenes_dir / "train" / "scenes.jsonl")
+    for row in rows[:50]:
+        scene = S.Scene.from_json(row)
+        assert scene.to_json() == row and scene.id == row["id"]

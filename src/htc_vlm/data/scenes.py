@@ -136,6 +136,12 @@ class Scene:
     def to_json(self) -> dict:
         return {"id": self.id, "image": self.image, "objects": [asdict(o) | {"position": o.position} for o in self.objects]}
 
+    @classmethod
+    def from_json(cls, row: dict) -> "Scene":
+        """The scene of a ``scenes.jsonl`` line (:meth:`to_json`; ``position`` is derived, so dropped)."""
+        fields = SceneObject.__dataclass_fields__
+        return cls(row["id"], tuple(SceneObject(**{k: v for k, v in o.items() if k in fields}) for o in row["objects"]))
+
 
 # ----------------------------------------------------------------------------- rendering
 

@@ -3,6 +3,7 @@ whether a model answers them from text alone.
 
     python benchmarks/text_curriculum.py make RUN_DIR OUT.json [--split train] [--n 2000]
     python benchmarks/text_curriculum.py check RUN_DIR MODEL_DIR... [--n 100]
+    python benchmarks/text_curriculum.py stream RUN_DIR [--task mc|verification] [--steps 1500]
 
 ``make`` writes one record per scene of ``RUN_DIR/scenes/<split>/scenes.jsonl``, with no image: the
 scene's caption by shape, then one MC question of each kind and two MME pairs, as separate turns.
@@ -13,6 +14,12 @@ and ``htc-vlm train --config tiny stage=instruct data.conversations=MIXED.json .
 ``check`` builds the same records from the validation scenes and asks each model the first turn
 (caption + question, no image). It prints how often the next-token argmax is the answer, for MC
 (chance 25%) and for verification (chance 50%).
+
+``stream`` asks whether the tiny language model (the ``tiny`` preset's 4 layers x 128, from scratch)
+can learn the task from text at all when data is not the limit: every step is 64 new random scenes,
+each written as its caption by shape followed by one question (MC of a random kind, or one question of
+an MME pair), and the loss is on the answer token only. Every 250 steps it prints the accuracy on 512
+fixed held-out examples (docs/LOG.md, session 11).
 """
 
 import argparse
@@ -20,12 +27,16 @@ import json
 import random
 from pathlib import Path
 
+import time
+
 import torch
-from transformers import AutoTokenizer
+import torch.nn.functional as F
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from htc_vlm import HTCForConditionalGeneration
 from htc_vlm.data.llava import IGNORE, PromptBuilder, get_template
-from htc_vlm.data.scenes import LETTERS, MC_KINDS, MME_SUBTASKS, Scene, _mc_question, _mme_pair, read_jsonl
+from htc_vlm.data.scenes import (LETTERS, MC_KINDS, MME_SUBTASKS, Scene, _mc_question, _mme_pair, read_jsonl,
+                                 sample_scene)
 
 
 def text_records(scenes_file: Path, n: int, seed: int = 0) -> list[dict]:
@@ -63,6 +74,52 @@ def check(model_dir: Path, records: list[dict]) -> dict[str, tuple[int, int]]:
     return {k: (v[0], v[1]) for k, v in right.items()}
 
 
+def _stream_batch(tok, rng: random.Random, task: str, n: int):
+    """n fresh examples: ids (n, L) right-padded, attention mask, the answer's position and token."""
+    prompts, answers = [], []
+    for _ in range(n):
+        scene = sample_scene(rng, "stream", 48)
+        q = (_mc_question(scene, rng, rng.choice(MC_KINDS)) if task == "mc"
+             else rng.choice(_mme_pair(scene, rng, rng.choice(MME_SUBTASKS))))
+        prompts.append(tok(f"{scene.shape_caption()}\n{q['text']}\n", add_special_tokens=False)["input_ids"])
+        answers.append(tok(q["answer"], add_special_tokens=False)["input_ids"][0])
+    ids = torch.full((n, max(map(len, prompts))), tok.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, :len(p)], mask[i, :len(p)] = torch.tensor(p), 1
+    return ids, mask, torch.tensor([len(p) - 1 for p in prompts]), torch.tensor(answers)
+
+
+def stream(run: Path, task: str, steps: int, lr: float, seed: int) -> None:
+    tok = AutoTokenizer.from_pretrained(run / "scenes" / "tokenizer")
+    torch.manual_seed(seed)
+    # the tiny preset's language model (htc_vlm/presets.py), alone
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                                         num_attention_heads=4, num_key_value_heads=4, vocab_size=len(tok),
+                                         pad_token_id=tok.pad_token_id, tie_word_embeddings=False))
+    held_out = _stream_batch(tok, random.Random(f"stream-val/{task}"), task, 512)
+    rng = random.Random(f"stream-train/{task}/{seed}")
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    warm = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    t0 = time.time()
+
+    def answer_logits(ids, mask, pos):  # (B, V) at the answer's position
+        return model(input_ids=ids, attention_mask=mask).logits[torch.arange(len(ids)), pos]
+
+    for step in range(1, steps + 1):
+        ids, mask, pos, target = _stream_batch(tok, rng, task, 64)
+        loss = F.cross_entropy(answer_logits(ids, mask, pos), target)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step(), opt.zero_grad(), sched.step()
+        if step % 250 == 0 or step == steps:
+            with torch.no_grad():
+                right = (answer_logits(*held_out[:3]).argmax(-1) == held_out[3]).float().mean()
+            print(f"step {step}: train loss {loss.item():.3f}, held-out {task} accuracy {100 * right:.1f}% "
+                  f"(chance {25 if task == 'mc' else 50}%), {time.time() - t0:.0f} s", flush=True)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -75,8 +132,16 @@ if __name__ == "__main__":
     ck.add_argument("run", type=Path)
     ck.add_argument("models", type=Path, nargs="+")
     ck.add_argument("--n", type=int, default=100)
+    st = sub.add_parser("stream")
+    st.add_argument("run", type=Path)
+    st.add_argument("--task", choices=("mc", "verification"), default="mc")
+    st.add_argument("--steps", type=int, default=1500)
+    st.add_argument("--lr", type=float, default=1e-3)
+    st.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    if a.command == "make":
+    if a.command == "stream":
+        stream(a.run, a.task, a.steps, a.lr, a.seed)
+    elif a.command == "make":
         recs = text_records(a.run / "scenes" / a.split / "scenes.jsonl", a.n)
         a.out.write_text(json.dumps(recs))
         print(f"{len(recs)} text records -> {a.out}")

@@ -83,7 +83,12 @@ def test_report_tables_retention_and_per_template(tmp_path):
     text, results = render(tmp_path, record)
     assert "| VoCo-LLaMA | 50.0 [47.5, 52.5] |" in text
     assert "| open | -1.25 | [-3.00, +0.50] | 0.200 | 0.25 |" in text
-    assert "| voco-b1 | 300 | 0.4990 | 0.20% | yes |" in text and "Not flat (stopped by the step cap): htc-b1" in text
+    assert "| voco-b1 | 300 | 0.4990 | 0.20% | yes |  |" in text and "Not flat (stopped by the step cap): htc-b1" in text
+    falling = {"steps": list(range(100, 1100, 100)), "val_loss": [1.0 - 0.0001 * s for s in range(100, 1100, 100)]}
+    record["stages"]["train/qformer-b1"] = {"status": "done", "val_curve": curve | falling | {"final_step": 1000}}
+    text, _ = render(tmp_path, record)
+    assert "| qformer-b1 | 1000 | 0.9000 | 0.20% | yes | +2.2% ± 0.0 |" in text
+    assert "Still falling by the trend (more than 1% by two standard errors): qformer-b1." in text
     assert (tmp_path / "val_curves.png").exists()
 
 

@@ -320,6 +320,29 @@ def test_flatness_criterion_on_written_curves():
     assert relative_gain([(100, 1.0), (200, 0.9), (1000, 0.1)], 0.5) == pytest.approx((0.9 - 0.1) / 0.9)
 
 
+def test_trend_gain_reads_a_slope_through_noise():
+    """A line through the later evaluations: exact on a straight line, about zero on noise around a
+    level where the best-loss test sees a gain, positive on a slow fall hidden under noise."""
+    import random
+
+    from htc_vlm.training.plateau import relative_gain, trend_gain
+
+    line = [(s, 1.0 - 0.0001 * s) for s in range(100, 1100, 100)]  # 0.99 at step 100 ... 0.90 at 1,000
+    gain, se = trend_gain(line, 0.2)  # fit over steps >= 600: the loss falls 0.02 over the last 200 steps
+    mean = sum(v for s, v in line if s >= 600) / 5
+    assert gain == pytest.approx(0.02 / mean) and se == pytest.approx(0.0, abs=1e-12)
+    rng = random.Random(0)
+    level = [(s, 0.4 + rng.gauss(0, 0.012)) for s in range(100, 3100, 100)]  # 3% noise, no trend
+    g, se = trend_gain(level, 0.2)
+    assert abs(g) < 2.5 * se and se > 0.005
+    rng = random.Random(1)
+    slow = [(s, 0.45 - 0.00002 * s + rng.gauss(0, 0.002)) for s in range(100, 3100, 100)]
+    g, se = trend_gain(slow, 0.2)
+    assert g - 2 * se > 0.01  # ~2.7% over the last 600 steps, resolved
+    assert trend_gain(line[:3], 0.2) is None and trend_gain([], 0.2) is None
+    assert relative_gain(level, 0.2) is not None  # the best-loss test answers on the same noise
+
+
 def test_compress_run_stops_when_its_validation_loss_is_flat(instructed):
     """A tolerance no run can miss stops at the first evaluation that has two before its window; the
     saved curve says where and why; a tolerance of 0 runs to the cap and is flagged not flat."""

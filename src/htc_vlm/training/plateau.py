@@ -11,11 +11,12 @@ constant rate, more than the 1% it tests for, so a run "flattens" on a lucky dip
 sessions 7 and 11). :func:`trend_gain` is the second opinion the report prints beside it: the
 improvement over the same window predicted by a least-squares line through the later evaluations,
 with its standard error, so a reader sees which runs were still falling when they stopped.
+
+Plain functions of a curve, with no transformers import (the report reads them); the Trainer
+callback that applies the stop rule, ``StopWhenFlat``, is in training/run.py.
 """
 
 from __future__ import annotations
-
-from transformers import TrainerCallback
 
 FLAT_TOLERANCE = 0.01  # the issue's rule: less than 1% relative improvement over the last 20% of the steps
 
@@ -65,16 +66,3 @@ def trend_gain(curve: list[tuple[int, float]], window: float = 0.2, span: float 
 def is_flat(curve: list[tuple[int, float]], tolerance: float = FLAT_TOLERANCE, window: float = 0.2) -> bool:
     gain = relative_gain(curve, window)
     return gain is not None and gain < tolerance
-
-
-class StopWhenFlat(TrainerCallback):
-    """Ends training at the first evaluation where :func:`is_flat` holds (and ``min_steps`` are done)."""
-
-    def __init__(self, tolerance: float, window: float, min_steps: int = 0):
-        self.tolerance, self.window, self.min_steps = tolerance, window, min_steps
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        curve = val_curve(state.log_history)
-        if state.global_step >= self.min_steps and is_flat(curve, self.tolerance, self.window):
-            control.should_training_stop = True
-        return control

@@ -35,7 +35,7 @@ from ..modeling import HTCForConditionalGeneration
 from ..presets import build_config
 from ..progress import ProgressCallback
 from .config import TrainConfig, deepspeed_path
-from .plateau import FLAT_TOLERANCE, StopWhenFlat, is_flat, relative_gain, val_curve
+from .plateau import FLAT_TOLERANCE, is_flat, relative_gain, val_curve
 
 MARKER = "COMPLETE"
 
@@ -48,6 +48,19 @@ class CommitMarker(TrainerCallback):
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if ckpt.is_dir():
                 (ckpt / MARKER).write_text(f"{state.global_step}\n")
+
+
+class StopWhenFlat(TrainerCallback):
+    """Ends training at the first evaluation where :func:`is_flat` holds (and ``min_steps`` are done)."""
+
+    def __init__(self, tolerance: float, window: float, min_steps: int = 0):
+        self.tolerance, self.window, self.min_steps = tolerance, window, min_steps
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        curve = val_curve(state.log_history)
+        if state.global_step >= self.min_steps and is_flat(curve, self.tolerance, self.window):
+            control.should_training_stop = True
+        return control
 
 
 class HTCTrainer(Trainer):

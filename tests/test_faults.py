@@ -17,7 +17,10 @@ from htc_vlm.cli import main
 
 from helpers import train_args
 
-RUN = "import sys; from htc_vlm.cli import main; sys.exit(main(sys.argv[1:]))"
+# Each child takes Ctrl-C as a terminal delivers it: a test runner started in the background (cmd &)
+# ignores SIGINT, and its children would inherit that and never see the interrupt a test sends.
+SIGINT_AS_IN_A_TERMINAL = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)"
+RUN = SIGINT_AS_IN_A_TERMINAL + "; import sys; from htc_vlm.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
 def _kill_after(args, done, sig=signal.SIGKILL, timeout=120.0):
@@ -211,7 +214,7 @@ def test_train_killed_mid_run_resumes_to_the_uninterrupted_weights(tiny_run, tmp
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
-REPRODUCE = """
+REPRODUCE = SIGINT_AS_IN_A_TERMINAL + """
 import sys, time
 from pathlib import Path
 import htc_vlm.reproduce as rp

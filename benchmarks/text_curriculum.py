@@ -25,18 +25,18 @@ fixed held-out examples (docs/LOG.md, session 11).
 import argparse
 import json
 import random
-from pathlib import Path
-
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 from htc_vlm import HTCForConditionalGeneration
 from htc_vlm.data.llava import IGNORE, PromptBuilder, get_template
 from htc_vlm.data.scenes import (LETTERS, MC_KINDS, MME_SUBTASKS, Scene, _mc_question, _mme_pair, read_jsonl,
                                  sample_scene)
+from htc_vlm.presets import build_config
 
 
 def text_records(scenes_file: Path, n: int, seed: int = 0) -> list[dict]:
@@ -93,10 +93,7 @@ def _stream_batch(tok, rng: random.Random, task: str, n: int):
 def stream(run: Path, task: str, steps: int, lr: float, seed: int) -> None:
     tok = AutoTokenizer.from_pretrained(run / "scenes" / "tokenizer")
     torch.manual_seed(seed)
-    # the tiny preset's language model (htc_vlm/presets.py), alone
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                                         num_attention_heads=4, num_key_value_heads=4, vocab_size=len(tok),
-                                         pad_token_id=tok.pad_token_id, tie_word_embeddings=False))
+    model = LlamaForCausalLM(build_config("tiny", tok).text_config)  # the tiny preset's language model, alone
     held_out = _stream_batch(tok, random.Random(f"stream-val/{task}"), task, 512)
     rng = random.Random(f"stream-train/{task}/{seed}")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)

@@ -97,6 +97,11 @@ def main() -> None:
     ap.add_argument("--budget-images", type=int, default=8, help="cache memory = this many uncompressed images")
     ap.add_argument("--max-seconds", type=float, default=300.0, help="time limit per mode")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-gap-ms", type=float, default=Limits.batch_gap_s * 1000,
+                    help="the server's batch gap: a batch takes questions while they keep arriving this close")
+    ap.add_argument("--batch-wait-ms", type=float, default=Limits.batch_wait_s * 1000,
+                    help="the most a batch waits for more questions after its first")
+    ap.add_argument("--modes", default="abc", help="which of the modes (a), (b), (c) to run")
     ap.add_argument("--profile-only", action="store_true", help="only time one compression and answer batches")
     args = ap.parse_args()
 
@@ -125,13 +130,16 @@ def main() -> None:
           f"{args.clients} clients, {torch.get_num_threads()} threads; cache budget {budget / 2**20:.1f} MiB "
           f"({args.budget_images} uncompressed images)")
 
-    rows = []
-    for name, model, memory in (("(a) htc-vlm, one-token caches", voco, budget),
-                                ("(b) uncompressed, image KV cached", upper, budget),
-                                ("(c) uncompressed, no cache", upper, 0)):
-        engine = Engine(model, tok, CacheStore(memory), limits=Limits(max_tokens=args.max_tokens, queue_size=4096))
+    rows, profiles = [], []
+    modes = (("(a) htc-vlm, one-token caches", voco, budget), ("(b) uncompressed, image KV cached", upper, budget),
+             ("(c) uncompressed, no cache", upper, 0))
+    for name, model, memory in (m for m in modes if m[0][1] in args.modes):
+        engine = Engine(model, tok, CacheStore(memory), limits=Limits(
+            max_tokens=args.max_tokens, queue_size=4096, batch_gap_s=args.batch_gap_ms / 1000,
+            batch_wait_s=args.batch_wait_ms / 1000))
         server, thread, base = _serve(engine, name)
         wall, lat, tokens, errors = asyncio.run(_load(base, jobs, args.clients, args.max_tokens, args.max_seconds))
+        profiles.append((name, wall, _metrics(base)))
         server.should_exit = True
         thread.join(timeout=30)
         stats = engine.store.stats
@@ -144,14 +152,31 @@ def main() -> None:
           f"{'errors':>6} {'compressions':>12}")
     for r in rows:
         print(f"{r[0]:36} {r[1]:7.2f} {r[2]:7.1f} {r[3]:7.3f} {r[4]:7.3f} {r[5]:14d} {r[6]:6d} {r[7]:6d} {r[8]:12d}")
+    print(f"\nwhere the time went (from /metrics) {'answer calls':>13} {'questions/call':>15} {'answering s':>12} "
+          f"{'compress calls':>15} {'images/call':>12} {'compressing s':>14} {'idle s':>7}")
+    for name, wall, m in profiles:
+        answer, compress = m['htc_model_seconds{call="answer"}'], m['htc_model_seconds{call="compress"}']
+        calls, images = m["htc_batch_size_count"], m["htc_compress_batch_size_count"]
+        print(f"{name:36} {calls:13.0f} {m['htc_batch_size_sum'] / max(calls, 1):15.1f} {answer:12.1f} "
+              f"{images:15.0f} {m['htc_compress_batch_size_sum'] / max(images, 1):12.1f} {compress:14.1f} "
+              f"{wall - answer - compress:7.1f}")
+    if len(rows) < 3:
+        return
     a, b, c = rows
     print(f"\n(a) / (b): {a[1] / b[1]:.2f}x questions/s, {a[5] / max(b[5], 1):.0f}x images cached; "
           f"(a) / (c): {a[1] / c[1]:.2f}x questions/s")
 
 
+def _metrics(base: str) -> dict[str, float]:
+    """The server's Prometheus samples, by name with labels (``htc_batch_size_sum``, ...)."""
+    text = httpx.get(base + "/metrics", timeout=30).text
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
 def _profile(model, tok, urls: list[str], max_tokens: int) -> None:
     """Where (a)'s time goes: compressions one at a time and in the server's batches of up to
-    ``Limits.max_compress_batch``, and answer batches of 1, 4 and 16 questions."""
+    ``Limits.max_compress_batch``, and answer batches of 1 to 32 questions."""
     from htc_vlm.serving.engine import _Question
 
     engine = Engine(model, tok, CacheStore(0))
@@ -166,14 +191,18 @@ def _profile(model, tok, urls: list[str], max_tokens: int) -> None:
     batched = (time.perf_counter() - t0) / n
     print(f"compress: {one:.3f} s per image one at a time, {batched:.3f} s per image in a batch of {n} "
           f"({one / batched:.2f}x)")
-    ids = engine.builder.question_ids(QUESTIONS[0])
     loop = asyncio.new_event_loop()
-    for b in (1, 4, 16):
-        group = [_Question(caches[i % len(caches)], ids, max_tokens, 0.0, [], loop.create_future()) for i in range(b)]
-        engine._answer(group)
-        t0 = time.perf_counter()
-        engine._answer(group)
-        print(f"answer a batch of {b:2d} ({max_tokens} tokens each): {time.perf_counter() - t0:.3f} s")
+    for b in (1, 2, 4, 8, 16, 32):
+        group = [_Question(caches[i % len(caches)], engine.builder.question_ids(QUESTIONS[i % len(QUESTIONS)]),
+                           max_tokens, 0.0, [], loop.create_future()) for i in range(b)]
+        engine._answer(group)  # warm-up
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            engine._answer(group)
+            times.append(time.perf_counter() - t0)
+        print(f"answer a batch of {b:2d} ({max_tokens} tokens each): {statistics.median(times):.3f} s "
+              f"(median of 3), {b / statistics.median(times):.1f} questions/s")
     engine.close()
 
 

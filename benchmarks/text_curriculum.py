@@ -3,7 +3,8 @@ whether a model answers them from text alone.
 
     python benchmarks/text_curriculum.py make RUN_DIR OUT.json [--split train] [--n 2000]
     python benchmarks/text_curriculum.py check RUN_DIR MODEL_DIR... [--n 100]
-    python benchmarks/text_curriculum.py stream RUN_DIR [--task mc|verification] [--steps 1500]
+    python benchmarks/text_curriculum.py stream [RUN_DIR] [--task mc|verification] [--steps 1500] \
+        [--hidden 128] [--layers 4]
 
 ``make`` writes one record per scene of ``RUN_DIR/scenes/<split>/scenes.jsonl``, with no image: the
 scene's caption by shape, then one MC question of each kind and two MME pairs, as separate turns.
@@ -19,12 +20,15 @@ and ``htc-vlm train --config tiny stage=instruct data.conversations=MIXED.json .
 can learn the task from text at all when data is not the limit: every step is 64 new random scenes,
 each written as its caption by shape followed by one question (MC of a random kind, or one question of
 an MME pair), and the loss is on the answer token only. Every 250 steps it prints the accuracy on 512
-fixed held-out examples (docs/LOG.md, session 11).
+fixed held-out examples (docs/LOG.md, session 11). ``--hidden`` and ``--layers`` change the width
+(the MLP stays 3x wide, heads stay 32 wide) and depth of that model (session 12). Without RUN_DIR it
+uses the scene tokenizer made afresh, the one ``htc-vlm data scenes`` writes.
 """
 
 import argparse
 import json
 import random
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,6 +40,7 @@ from htc_vlm import HTCForConditionalGeneration
 from htc_vlm.data.llava import IGNORE, PromptBuilder, get_template
 from htc_vlm.data.scenes import (LETTERS, MC_KINDS, MME_SUBTASKS, Scene, _mc_question, _mme_pair, read_jsonl,
                                  sample_scene)
+from htc_vlm.data.tokenizer import save_tokenizer
 from htc_vlm.presets import build_config
 
 
@@ -90,10 +95,19 @@ def _stream_batch(tok, rng: random.Random, task: str, n: int):
     return ids, mask, torch.tensor([len(p) - 1 for p in prompts]), torch.tensor(answers)
 
 
-def stream(run: Path, task: str, steps: int, lr: float, seed: int) -> None:
-    tok = AutoTokenizer.from_pretrained(run / "scenes" / "tokenizer")
+def stream(run: Path | None, task: str, steps: int, lr: float, seed: int, hidden: int | None = None,
+           layers: int | None = None) -> None:
+    tok = AutoTokenizer.from_pretrained(run / "scenes" / "tokenizer") if run else save_tokenizer(tempfile.mkdtemp())
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(build_config("tiny", tok).text_config)  # the tiny preset's language model, alone
+    config = build_config("tiny", tok).text_config  # the tiny preset's language model, alone
+    if hidden:
+        config.intermediate_size = config.intermediate_size * hidden // config.hidden_size
+        config.num_attention_heads = config.num_key_value_heads = hidden // config.head_dim
+        config.hidden_size = hidden
+    config.num_hidden_layers = layers or config.num_hidden_layers
+    model = LlamaForCausalLM(config)
+    print(f"{config.num_hidden_layers} layers x {config.hidden_size}: "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters", flush=True)
     held_out = _stream_batch(tok, random.Random(f"stream-val/{task}"), task, 512)
     rng = random.Random(f"stream-train/{task}/{seed}")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -130,14 +144,16 @@ if __name__ == "__main__":
     ck.add_argument("models", type=Path, nargs="+")
     ck.add_argument("--n", type=int, default=100)
     st = sub.add_parser("stream")
-    st.add_argument("run", type=Path)
+    st.add_argument("run", type=Path, nargs="?")
     st.add_argument("--task", choices=("mc", "verification"), default="mc")
     st.add_argument("--steps", type=int, default=1500)
     st.add_argument("--lr", type=float, default=1e-3)
     st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--hidden", type=int, help="width of the language model (default: the tiny preset's, 128)")
+    st.add_argument("--layers", type=int, help="its depth (default: the tiny preset's, 4)")
     a = ap.parse_args()
     if a.command == "stream":
-        stream(a.run, a.task, a.steps, a.lr, a.seed)
+        stream(a.run, a.task, a.steps, a.lr, a.seed, a.hidden, a.layers)
     elif a.command == "make":
         recs = text_records(a.run / "scenes" / a.split / "scenes.jsonl", a.n)
         a.out.write_text(json.dumps(recs))

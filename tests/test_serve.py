@@ -115,6 +115,9 @@ def test_questions_about_different_images_are_answered_in_one_batch(served, scen
     count = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("htc_batch_size_count")))
     total = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("htc_batch_size_sum")))
     assert total > count  # some model call answered several questions
+    seconds = {line.split('"')[1]: float(line.split()[-1]) for line in metrics.splitlines()
+               if line.startswith("htc_model_seconds{")}
+    assert seconds.keys() == {"answer", "compress"} and all(v > 0 for v in seconds.values())
 
 
 def test_the_openai_client_works_unchanged_with_and_without_streaming(served, scenes_dir):
@@ -220,6 +223,33 @@ def test_a_full_queue_answers_429_with_retry_after(served, scenes_dir):
 
 def _engine_of(served, **limits):
     return Engine(served["model"], served["tok"], CacheStore(parse_bytes("1MB")), limits=Limits(**limits))
+
+
+@pytest.mark.parametrize("gap, wait, expected", [(0.5, 5.0, [4, 1]),  # the burst joins; the late one does not
+                                                  (0.02, 5.0, [1, 1, 1, 1, 1]),  # arrivals 0.2 s apart: no batch
+                                                  (0.5, 0.5, [3, 1, 1])])  # the wait caps the burst
+def test_a_batch_takes_questions_while_they_keep_arriving_within_the_gap(served, gap, wait, expected):
+    """Clients answered together ask again in a burst spread over some milliseconds: each arrival
+    within ``batch_gap_s`` of the last joins the batch, up to ``batch_wait_s`` after its first."""
+    engine = _engine_of(served, batch_gap_s=gap, batch_wait_s=wait)
+
+    async def arrivals():
+        queue, sizes = asyncio.Queue(), []
+
+        async def feed():
+            for delay in (0.0, 0.2, 0.2, 0.2, 1.0):  # a burst of four at 0, 0.2, 0.4, 0.6 s; one at 1.6 s
+                await asyncio.sleep(delay)
+                queue.put_nowait(len(sizes))
+
+        feeder = asyncio.ensure_future(feed())
+        while sum(sizes) < 5:
+            while queue.empty():  # _take starts from a queue that holds a question
+                await asyncio.sleep(0.001)
+            sizes.append(len(await engine._take(queue, 32)))
+        await feeder
+        return sizes
+
+    assert asyncio.run(arrivals()) == expected
 
 
 def test_new_images_uploaded_together_are_compressed_in_one_call_and_a_bad_one_fails_alone(served, scenes_dir):

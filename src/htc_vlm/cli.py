@@ -376,6 +376,9 @@ def serve(
     template: Annotated[str | None, typer.Option(help="Chat template (plain, vicuna_v1); default: the model's.")] = None,
     max_batch: Annotated[int, typer.Option(min=1, help="Questions answered in one model call.")] = 32,
     queue_size: Annotated[int, typer.Option(min=1, help="Questions waiting before requests get 429.")] = 256,
+    batch_gap_ms: Annotated[float, typer.Option(min=0, help="A batch takes more questions while each comes within this "
+                                                "of the last (clients asking again after their answers).")] = 30.0,
+    batch_wait_ms: Annotated[float, typer.Option(min=0, help="The most a batch waits for more questions after its first.")] = 250.0,
     max_image_mb: Annotated[float, typer.Option(min=0.001, help="Largest image upload, in MB.")] = 20.0,
     max_image_pixels: Annotated[int, typer.Option(min=1, help="Largest image, in pixels.")] = 4096 * 4096,
     max_tokens: Annotated[int, typer.Option(min=1, help="The most tokens a request may ask for.")] = 256,
@@ -397,7 +400,8 @@ def serve(
     tok_vq = MultiGroupVQ.load(vq / "tokenizer" if (vq / "tokenizer" / "config.json").exists() else vq) if vq else None
     store = CacheStore(parse_bytes(cache_memory), cache_dir)
     limits = Limits(max_image_bytes=int(max_image_mb * 1024 * 1024), max_image_pixels=max_image_pixels,
-                    max_tokens=max_tokens, max_batch=max_batch, queue_size=queue_size)
+                    max_tokens=max_tokens, max_batch=max_batch, queue_size=queue_size,
+                    batch_gap_s=batch_gap_ms / 1000, batch_wait_s=batch_wait_ms / 1000)
     engine = Engine(m, tok, store, template, tok_vq, limits)
     console.print(f"serving {model} on http://{host}:{port}/v1 (caches: {cache_memory} in memory"
                   + (f", {cache_dir} on disk)" if cache_dir else ")"), highlight=False)

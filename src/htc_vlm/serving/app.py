@@ -143,6 +143,10 @@ def create_app(engine: Engine, model_name: str):
                             ("htc_cache_entries", "Caches in memory", lambda: engine.store.stats.entries),
                             ("htc_compressions", "Images compressed", lambda: engine.compressions)):
         Gauge(name, doc, registry=reg).set_function(read)
+    model_seconds = Gauge("htc_model_seconds", "Seconds the model spent, by kind of call (answer or compress)",
+                          ["call"], registry=reg)
+    for kind in engine.model_seconds:
+        model_seconds.labels(kind).set_function(lambda kind=kind: engine.model_seconds[kind])
 
     body_limit = 2 * engine.limits.max_image_bytes + 1024 * 1024  # base64 of the largest image, and text
 
@@ -167,6 +171,10 @@ def create_app(engine: Engine, model_name: str):
     def _observe(endpoint: str, status: int, t0: float) -> None:
         requests_total.labels(endpoint, str(status)).inc()
         latency.labels(endpoint).observe(time.perf_counter() - t0)
+        _drain()
+
+    def _drain() -> None:
+        """Move the batch sizes the engine saw since the last request into their histograms."""
         for sizes, histogram in ((engine.batch_sizes, batch), (engine.compress_batch_sizes, compress_batch)):
             while sizes:
                 histogram.observe(sizes.pop())
@@ -265,6 +273,7 @@ def create_app(engine: Engine, model_name: str):
 
     @app.get("/metrics")
     async def metrics():
+        _drain()
         return PlainTextResponse(generate_latest(reg).decode(), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -122,7 +122,8 @@ class Limits:
     max_tokens: int = 256  # the most a request may ask for
     max_batch: int = 32  # questions answered in one model call
     max_compress_batch: int = 8  # new images compressed in one model call
-    batch_wait_s: float = 0.005  # how long a batch waits for more questions once one arrived
+    batch_gap_s: float = 0.03  # a batch waits for more questions while the last one came less than this ago
+    batch_wait_s: float = 0.25  # ... and at most this long after its first
     queue_size: int = 256  # questions (and, apart, images) waiting; beyond it a request gets 429
 
 
@@ -151,6 +152,7 @@ class Engine:
         self.compress_batch_sizes: list[int] = []  # the same for compressions
         self._prefix_cache: VisualCache | None = None  # the template prefix's KV, the same for every image
         self.compressions = 0
+        self.model_seconds = {"answer": 0.0, "compress": 0.0}  # time the worker spent in each kind of call
 
     # ------------------------------------------------------------------ images
 
@@ -263,8 +265,11 @@ class Engine:
             self._batcher = asyncio.get_running_loop().create_task(self._schedule())
 
     async def _take(self, queue: asyncio.Queue, limit: int) -> list:
-        """What ``queue`` holds now (it holds something), up to ``limit``, after waiting
-        ``batch_wait_s`` for more to arrive."""
+        """What ``queue`` holds now (it holds something), up to ``limit``, and what arrives while
+        questions keep coming: each arrival within ``batch_gap_s`` of the previous one joins, up to
+        ``batch_wait_s`` after the first. Clients whose answers just came back ask again in a burst;
+        the gap lets that burst join one batch instead of splitting the clients into two halves that
+        take turns."""
         batch = [queue.get_nowait()]
         deadline = time.monotonic() + self.limits.batch_wait_s
         while len(batch) < limit:
@@ -273,7 +278,7 @@ class Engine:
                 continue
             except asyncio.QueueEmpty:
                 pass
-            left = deadline - time.monotonic()
+            left = min(deadline - time.monotonic(), self.limits.batch_gap_s)
             if left <= 0:
                 break
             try:
@@ -300,7 +305,7 @@ class Engine:
         self.compress_batch_sizes.append(len(jobs))
         try:
             caches = await asyncio.get_running_loop().run_in_executor(
-                self._worker, self._compress, [j.data for j in jobs])
+                self._worker, self._timed, "compress", self._compress, [j.data for j in jobs])
         except Exception as e:  # noqa: BLE001 -- every waiting upload gets the error, the loop goes on
             caches = [e] * len(jobs)
         for j, c in zip(jobs, caches):
@@ -315,7 +320,7 @@ class Engine:
                 continue
             self.batch_sizes.append(len(group))
             try:
-                answers = await loop.run_in_executor(self._worker, self._answer, group, loop)
+                answers = await loop.run_in_executor(self._worker, self._timed, "answer", self._answer, group, loop)
             except Exception as e:  # noqa: BLE001 -- every waiting request gets the error, the loop goes on
                 for q in group:
                     if not q.future.done():
@@ -324,6 +329,14 @@ class Engine:
             for q, a in zip(group, answers):
                 if not q.future.done():
                     q.future.set_result(a)
+
+    def _timed(self, kind: str, call, *args):
+        """``call(*args)`` on the worker thread, its time added to ``model_seconds[kind]``."""
+        t0 = time.perf_counter()
+        try:
+            return call(*args)
+        finally:
+            self.model_seconds[kind] += time.perf_counter() - t0
 
     @torch.no_grad()
     def _answer(self, group: list[_Question], loop=None) -> list[Answer]:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import uvicorn
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
 from htc_vlm.data.tokenizer import save_tokenizer
@@ -154,8 +155,8 @@ def main() -> None:
         print(f"{r[0]:36} {r[1]:7.2f} {r[2]:7.1f} {r[3]:7.3f} {r[4]:7.3f} {r[5]:14d} {r[6]:6d} {r[7]:6d} {r[8]:12d}")
     print(f"\nwhere the time went (from /metrics) {'answer calls':>13} {'questions/call':>15} {'answering s':>12} "
           f"{'compress calls':>15} {'images/call':>12} {'compressing s':>14} {'idle s':>7}")
-    for name, wall, m in profiles:
-        answer, compress = m['htc_model_seconds{call="answer"}'], m['htc_model_seconds{call="compress"}']
+    for name, wall, (m, seconds) in profiles:
+        answer, compress = seconds["answer"], seconds["compress"]
         calls, images = m["htc_batch_size_count"], m["htc_compress_batch_size_count"]
         print(f"{name:36} {calls:13.0f} {m['htc_batch_size_sum'] / max(calls, 1):15.1f} {answer:12.1f} "
               f"{images:15.0f} {m['htc_compress_batch_size_sum'] / max(images, 1):12.1f} {compress:14.1f} "
@@ -167,11 +168,13 @@ def main() -> None:
           f"(a) / (c): {a[1] / c[1]:.2f}x questions/s")
 
 
-def _metrics(base: str) -> dict[str, float]:
-    """The server's Prometheus samples, by name with labels (``htc_batch_size_sum``, ...)."""
-    text = httpx.get(base + "/metrics", timeout=30).text
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-            if line and not line.startswith("#")}
+def _metrics(base: str) -> tuple[dict[str, float], dict[str, float]]:
+    """The server's unlabelled Prometheus samples by name (``htc_batch_size_sum``, ...), and the
+    model's seconds by kind of call (``htc_model_seconds{call=...}``)."""
+    samples = [s for family in text_string_to_metric_families(httpx.get(base + "/metrics", timeout=30).text)
+               for s in family.samples]
+    return ({s.name: s.value for s in samples if not s.labels},
+            {s.labels["call"]: s.value for s in samples if s.name == "htc_model_seconds"})
 
 
 def _profile(model, tok, urls: list[str], max_tokens: int) -> None:

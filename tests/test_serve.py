@@ -111,12 +111,13 @@ def test_questions_about_different_images_are_answered_in_one_batch(served, scen
     alone = [httpx.post(served["base"] + "/v1/chat/completions", json=r, timeout=60).json() for r in requests]
     assert [r.json()["choices"][0]["message"]["content"] for r in replies] == \
            [a["choices"][0]["message"]["content"] for a in alone]  # batched answers equal the ones asked alone
-    metrics = httpx.get(served["base"] + "/metrics").text
-    count = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("htc_batch_size_count")))
-    total = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("htc_batch_size_sum")))
-    assert total > count  # some model call answered several questions
-    seconds = {line.split('"')[1]: float(line.split()[-1]) for line in metrics.splitlines()
-               if line.startswith("htc_model_seconds{")}
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = [s for f in text_string_to_metric_families(httpx.get(served["base"] + "/metrics").text)
+               for s in f.samples]
+    value = {s.name: s.value for s in samples if not s.labels}
+    assert value["htc_batch_size_sum"] > value["htc_batch_size_count"]  # some model call answered several questions
+    seconds = {s.labels["call"]: s.value for s in samples if s.name == "htc_model_seconds"}
     assert seconds.keys() == {"answer", "compress"} and all(v > 0 for v in seconds.values())
 
 

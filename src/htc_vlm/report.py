@@ -14,7 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .evaluation.retention import retention
-from .training.plateau import trend_gain
+from .training.plateau import is_falling, trend_gain
 
 
 
@@ -116,7 +116,7 @@ def _convergence_section(out: Path, record: dict, rows: "_Rows | None" = None) -
     for k, c in runs.items():
         gain = c["relative_gain_last_window"]
         trend = trend_gain(list(zip(c["steps"], c["val_loss"])), c["window"])
-        if trend is not None and trend[0] - 2 * trend[1] > c["tolerance"]:
+        if is_falling(trend, c["tolerance"]):
             falling.append(k)
         lines.append(f"| {k} | {c['final_step']} | {min(c['val_loss']):.4f} | "
                      f"{'' if gain is None else f'{100 * gain:.2f}%'} | {'yes' if c['flat'] else '**no**'} | "

@@ -63,6 +63,11 @@ def trend_gain(curve: list[tuple[int, float]], window: float = 0.2, span: float 
     return -slope * scale, se * scale
 
 
+def is_falling(trend: tuple[float, float] | None, tolerance: float = FLAT_TOLERANCE) -> bool:
+    """Whether a :func:`trend_gain` result resolves a gain above ``tolerance``: by two standard errors."""
+    return trend is not None and trend[0] - 2 * trend[1] > tolerance
+
+
 def is_flat(curve: list[tuple[int, float]], tolerance: float = FLAT_TOLERANCE, window: float = 0.2) -> bool:
     gain = relative_gain(curve, window)
     return gain is not None and gain < tolerance

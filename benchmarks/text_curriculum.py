@@ -3,8 +3,9 @@ whether a model answers them from text alone.
 
     python benchmarks/text_curriculum.py make RUN_DIR OUT.json [--split train] [--n 2000]
     python benchmarks/text_curriculum.py check RUN_DIR MODEL_DIR... [--n 100]
-    python benchmarks/text_curriculum.py stream [RUN_DIR] [--task mc|verification] [--steps 1500] \
+    python benchmarks/text_curriculum.py stream [RUN_DIR] [--task mc|verification|lookup|mix] [--steps 1500] \
         [--hidden 128] [--layers 4]
+    python benchmarks/text_curriculum.py mc-records RUN_DIR OUT.json [--form letter|content-letter]
 
 ``make`` writes one record per scene of ``RUN_DIR/scenes/<split>/scenes.jsonl``, with no image: the
 scene's caption by shape, then one MC question of each kind and two MME pairs, as separate turns.
@@ -22,12 +23,24 @@ each written as its caption by shape followed by one question (MC of a random ki
 an MME pair), and the loss is on the answer token only. Every 250 steps it prints the accuracy on 512
 fixed held-out examples (docs/LOG.md, session 11). ``--hidden`` and ``--layers`` change the width
 (the MLP stays 3x wide, heads stay 32 wide) and depth of that model (session 12). Without RUN_DIR it
-uses the scene tokenizer made afresh, the one ``htc-vlm data scenes`` writes.
+uses the scene tokenizer made afresh, the one ``htc-vlm data scenes`` writes. ``--task lookup`` is
+the second half of MC alone: the caption and question are replaced by the answer's text, so the
+model only has to find that text among the options and give its letter; ``--task mix`` draws lookup or MC for each
+example (session 13).
+
+``mc-records`` writes RUN_DIR's instruct conversations with more MC (docs/LOG.md, session 13): every
+MC answer of ``train/conversations.json``, 4 new MC questions per training image (one per kind) and 8
+text-only lookup records per image (the answer's text, then the lettered options). ``--form letter``
+keeps LLaVA's answer, the letter alone; ``--form content-letter`` answers the option's text, then
+its letter ("green B"), which VLMEvalKit's matcher reads as B. Train on it from the run's instruct
+model with ``htc-vlm train --config tiny stage=instruct model.init=RUN/instruct/model
+data.conversations=OUT.json optim.num_train_epochs=2 ...`` (the other options as in RUN/report.md).
 """
 
 import argparse
 import json
 import random
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -38,7 +51,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from htc_vlm import HTCForConditionalGeneration
 from htc_vlm.data.llava import IGNORE, PromptBuilder, get_template
-from htc_vlm.data.scenes import (LETTERS, MC_KINDS, MME_SUBTASKS, Scene, _mc_question, _mme_pair, read_jsonl,
+from htc_vlm.data.scenes import (IMAGE_TOKEN, LETTERS, MC_KINDS, MME_SUBTASKS, Scene, _mc_question, _mme_pair, read_jsonl,
                                  sample_scene)
 from htc_vlm.data.tokenizer import save_tokenizer
 from htc_vlm.presets import build_config
@@ -59,6 +72,36 @@ def text_records(scenes_file: Path, n: int, seed: int = 0) -> list[dict]:
             turns += [{"from": "human", "value": text}, {"from": "gpt", "value": q["answer"]}]
         records.append({"id": f"{row['id']}-text", "conversations": turns})
     return records
+
+
+def _record(rid: str, human: str, answer: str, image: str | None = None) -> dict:
+    rec = {"id": rid, "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": answer}]}
+    return rec | ({"image": image} if image else {})
+
+
+def mc_records(run: Path, form: str) -> list[dict]:
+    """RUN's instruct conversations, MC answers in ``form``, plus new MC image and lookup records."""
+    def answer(text: str, letter: str) -> str:  # text: an MC prompt; its options are "X. option" lines
+        return letter if form == "letter" else f"{dict(re.findall(r'^([A-H])[.] (.*)$', text, re.M))[letter]} {letter}"
+
+    rng = random.Random("exp-mc")  # the draws of session 13's runs
+    out, lookups = [], []
+    for r in json.loads((run / "scenes" / "train" / "conversations.json").read_text()):
+        human, gpt = (t["value"] for t in r["conversations"])
+        out.append(_record(r["id"], human, answer(human, gpt), r.get("image")) if len(gpt) == 1 and gpt in LETTERS
+                   else r)
+    for row in read_jsonl(run / "scenes" / "train" / "scenes.jsonl"):
+        scene = Scene.from_json(row)
+        for kind in MC_KINDS:
+            q = _mc_question(scene, rng, kind)
+            out.append(_record(f"{scene.id}-mc-{kind}", f"{IMAGE_TOKEN}\n{q['text']}", answer(q["text"], q["answer"]),
+                               scene.image))
+        for j in range(8):
+            q = _mc_question(scene, rng, rng.choice(MC_KINDS))
+            text = q["text"].replace(q["question"], q["answer_text"])
+            lookups.append(_record(f"{scene.id}-lookup-{j}", text, answer(text, q["answer"])))
+    out += lookups
+    return out
 
 
 @torch.no_grad()
@@ -84,9 +127,14 @@ def _stream_batch(tok, rng: random.Random, task: str, n: int):
     prompts, answers = [], []
     for _ in range(n):
         scene = sample_scene(rng, "stream", 48)
-        q = (_mc_question(scene, rng, rng.choice(MC_KINDS)) if task == "mc"
-             else rng.choice(_mme_pair(scene, rng, rng.choice(MME_SUBTASKS))))
-        prompts.append(tok(f"{scene.shape_caption()}\n{q['text']}\n", add_special_tokens=False)["input_ids"])
+        kind = rng.choice(("lookup", "mc")) if task == "mix" else task
+        if task == "verification":
+            q = rng.choice(_mme_pair(scene, rng, rng.choice(MME_SUBTASKS)))
+        else:
+            q = _mc_question(scene, rng, rng.choice(MC_KINDS))
+        text = (q["text"].replace(q["question"], q["answer_text"]) if kind == "lookup"
+                else f"{scene.shape_caption()}\n{q['text']}")
+        prompts.append(tok(f"{text}\n", add_special_tokens=False)["input_ids"])
         answers.append(tok(q["answer"], add_special_tokens=False)["input_ids"][0])
     ids = torch.full((n, max(map(len, prompts))), tok.pad_token_id)
     mask = torch.zeros_like(ids)
@@ -128,7 +176,7 @@ def stream(run: Path | None, task: str, steps: int, lr: float, seed: int, hidden
             with torch.no_grad():
                 right = (answer_logits(*held_out[:3]).argmax(-1) == held_out[3]).float().mean()
             print(f"step {step}: train loss {loss.item():.3f}, held-out {task} accuracy {100 * right:.1f}% "
-                  f"(chance {25 if task == 'mc' else 50}%), {time.time() - t0:.0f} s", flush=True)
+                  f"(chance {50 if task == 'verification' else 25}%), {time.time() - t0:.0f} s", flush=True)
 
 
 if __name__ == "__main__":
@@ -145,15 +193,23 @@ if __name__ == "__main__":
     ck.add_argument("--n", type=int, default=100)
     st = sub.add_parser("stream")
     st.add_argument("run", type=Path, nargs="?")
-    st.add_argument("--task", choices=("mc", "verification"), default="mc")
+    st.add_argument("--task", choices=("mc", "verification", "lookup", "mix"), default="mc")
     st.add_argument("--steps", type=int, default=1500)
     st.add_argument("--lr", type=float, default=1e-3)
     st.add_argument("--seed", type=int, default=0)
     st.add_argument("--hidden", type=int, help="width of the language model (default: the tiny preset's, 128)")
     st.add_argument("--layers", type=int, help="its depth (default: the tiny preset's, 4)")
+    mr = sub.add_parser("mc-records")
+    mr.add_argument("run", type=Path)
+    mr.add_argument("out", type=Path)
+    mr.add_argument("--form", choices=("letter", "content-letter"), default="content-letter")
     a = ap.parse_args()
     if a.command == "stream":
         stream(a.run, a.task, a.steps, a.lr, a.seed, a.hidden, a.layers)
+    elif a.command == "mc-records":
+        recs = mc_records(a.run, a.form)
+        a.out.write_text(json.dumps(recs))
+        print(f"{len(recs)} records ({a.form}) -> {a.out}")
     elif a.command == "make":
         recs = text_records(a.run / "scenes" / a.split / "scenes.jsonl", a.n)
         a.out.write_text(json.dumps(recs))

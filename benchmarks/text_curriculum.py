@@ -74,6 +74,11 @@ def text_records(scenes_file: Path, n: int, seed: int = 0) -> list[dict]:
     return records
 
 
+def _lookup_text(q: dict) -> str:
+    """An MC prompt whose question is replaced by the answer's text: only the lookup of its letter is left."""
+    return q["text"].replace(q["question"], q["answer_text"])
+
+
 def _record(rid: str, human: str, answer: str, image: str | None = None) -> dict:
     rec = {"id": rid, "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": answer}]}
     return rec | ({"image": image} if image else {})
@@ -81,25 +86,26 @@ def _record(rid: str, human: str, answer: str, image: str | None = None) -> dict
 
 def mc_records(run: Path, form: str) -> list[dict]:
     """RUN's instruct conversations, MC answers in ``form``, plus new MC image and lookup records."""
-    def answer(text: str, letter: str) -> str:  # text: an MC prompt; its options are "X. option" lines
-        return letter if form == "letter" else f"{dict(re.findall(r'^([A-H])[.] (.*)$', text, re.M))[letter]} {letter}"
+    def answer(letter: str, text: str) -> str:  # text: the option's text
+        return letter if form == "letter" else f"{text} {letter}"
 
     rng = random.Random("exp-mc")  # the draws of session 13's runs
     out, lookups = [], []
     for r in json.loads((run / "scenes" / "train" / "conversations.json").read_text()):
         human, gpt = (t["value"] for t in r["conversations"])
-        out.append(_record(r["id"], human, answer(human, gpt), r.get("image")) if len(gpt) == 1 and gpt in LETTERS
-                   else r)
+        if len(gpt) == 1 and gpt in LETTERS:  # an MC answer; its options are the prompt's "X. option" lines
+            r = _record(r["id"], human, answer(gpt, dict(re.findall(r"^([A-H])[.] (.*)$", human, re.M))[gpt]),
+                        r.get("image"))
+        out.append(r)
     for row in read_jsonl(run / "scenes" / "train" / "scenes.jsonl"):
         scene = Scene.from_json(row)
         for kind in MC_KINDS:
             q = _mc_question(scene, rng, kind)
-            out.append(_record(f"{scene.id}-mc-{kind}", f"{IMAGE_TOKEN}\n{q['text']}", answer(q["text"], q["answer"]),
-                               scene.image))
+            out.append(_record(f"{scene.id}-mc-{kind}", f"{IMAGE_TOKEN}\n{q['text']}",
+                               answer(q["answer"], q["answer_text"]), scene.image))
         for j in range(8):
             q = _mc_question(scene, rng, rng.choice(MC_KINDS))
-            text = q["text"].replace(q["question"], q["answer_text"])
-            lookups.append(_record(f"{scene.id}-lookup-{j}", text, answer(text, q["answer"])))
+            lookups.append(_record(f"{scene.id}-lookup-{j}", _lookup_text(q), answer(q["answer"], q["answer_text"])))
     out += lookups
     return out
 
@@ -132,8 +138,7 @@ def _stream_batch(tok, rng: random.Random, task: str, n: int):
             q = rng.choice(_mme_pair(scene, rng, rng.choice(MME_SUBTASKS)))
         else:
             q = _mc_question(scene, rng, rng.choice(MC_KINDS))
-        text = (q["text"].replace(q["question"], q["answer_text"]) if kind == "lookup"
-                else f"{scene.shape_caption()}\n{q['text']}")
+        text = _lookup_text(q) if kind == "lookup" else f"{scene.shape_caption()}\n{q['text']}"
         prompts.append(tok(f"{text}\n", add_special_tokens=False)["input_ids"])
         answers.append(tok(q["answer"], add_special_tokens=False)["input_ids"][0])
     ids = torch.full((n, max(map(len, prompts))), tok.pad_token_id)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from htc_vlm.data.scenes import LETTERS, write_benchmark
+from htc_vlm.data.scenes import LETTERS, MC_SUFFIX, write_benchmark
 
 spec = importlib.util.spec_from_file_location("text_curriculum",
                                               Path(__file__).parents[1] / "benchmarks" / "text_curriculum.py")
@@ -25,7 +25,7 @@ def run(tmp_path_factory):
 
 
 def _mc(records):
-    return [r for r in records if "option's letter" in r["conversations"][0]["value"]]
+    return [r for r in records if MC_SUFFIX in r["conversations"][0]["value"]]
 
 
 def test_content_then_letter_names_the_option_it_answers(run):

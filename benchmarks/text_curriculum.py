@@ -51,8 +51,8 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from htc_vlm import HTCForConditionalGeneration
 from htc_vlm.data.llava import IGNORE, PromptBuilder, get_template
-from htc_vlm.data.scenes import (IMAGE_TOKEN, LETTERS, MC_KINDS, MME_SUBTASKS, Scene, _mc_question, _mme_pair, read_jsonl,
-                                 sample_scene)
+from htc_vlm.data.scenes import (IMAGE_TOKEN, LETTERS, MC_KINDS, MME_SUBTASKS, Scene, _mc_question, _mme_pair, lookup_prompt,
+                                 mc_answer, read_jsonl, sample_scene)
 from htc_vlm.data.tokenizer import save_tokenizer
 from htc_vlm.presets import build_config
 
@@ -74,11 +74,6 @@ def text_records(scenes_file: Path, n: int, seed: int = 0) -> list[dict]:
     return records
 
 
-def _lookup_text(q: dict) -> str:
-    """An MC prompt whose question is replaced by the answer's text: only the lookup of its letter is left."""
-    return q["text"].replace(q["question"], q["answer_text"])
-
-
 def _record(rid: str, human: str, answer: str, image: str | None = None) -> dict:
     rec = {"id": rid, "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": answer}]}
     return rec | ({"image": image} if image else {})
@@ -86,9 +81,7 @@ def _record(rid: str, human: str, answer: str, image: str | None = None) -> dict
 
 def mc_records(run: Path, form: str) -> list[dict]:
     """RUN's instruct conversations, MC answers in ``form``, plus new MC image and lookup records."""
-    def answer(letter: str, text: str) -> str:  # text: the option's text
-        return letter if form == "letter" else f"{text} {letter}"
-
+    answer = lambda letter, text: mc_answer(letter, text, form)  # noqa: E731 -- text: the option's text
     rng = random.Random("exp-mc")  # the draws of session 13's runs
     out, lookups = [], []
     for r in json.loads((run / "scenes" / "train" / "conversations.json").read_text()):
@@ -105,7 +98,7 @@ def mc_records(run: Path, form: str) -> list[dict]:
                                answer(q["answer"], q["answer_text"]), scene.image))
         for j in range(8):
             q = _mc_question(scene, rng, rng.choice(MC_KINDS))
-            lookups.append(_record(f"{scene.id}-lookup-{j}", _lookup_text(q), answer(q["answer"], q["answer_text"])))
+            lookups.append(_record(f"{scene.id}-lookup-{j}", lookup_prompt(q), answer(q["answer"], q["answer_text"])))
     out += lookups
     return out
 
@@ -138,7 +131,7 @@ def _stream_batch(tok, rng: random.Random, task: str, n: int):
             q = rng.choice(_mme_pair(scene, rng, rng.choice(MME_SUBTASKS)))
         else:
             q = _mc_question(scene, rng, rng.choice(MC_KINDS))
-        text = _lookup_text(q) if kind == "lookup" else f"{scene.shape_caption()}\n{q['text']}"
+        text = lookup_prompt(q) if kind == "lookup" else f"{scene.shape_caption()}\n{q['text']}"
         prompts.append(tok(f"{text}\n", add_special_tokens=False)["input_ids"])
         answers.append(tok(q["answer"], add_special_tokens=False)["input_ids"][0])
     ids = torch.full((n, max(map(len, prompts))), tok.pad_token_id)

@@ -392,15 +392,21 @@ def test_the_trainer_callback_reports_steps_and_the_last_loss_only_when_asked(tm
 
 def test_the_provenance_commands_of_the_first_stages_reproduce_their_outputs(tmp_path):
     """The command a stage records (the report's provenance table) is the stage: run through the
-    CLI into another folder, it writes the same scenes, tokenizer weights and features."""
+    CLI into another folder, it writes the same scenes, tokenizer weights and features. With
+    --mc-form the scenes' MC answers take that form, and the folder resumes only with it."""
     import shlex
 
     from safetensors.torch import load_file
 
     out = tmp_path / "run"
     assert main(["reproduce", "--quick", "--out", str(out), "--only", "scenes", "--only", "tokenizer",
-                 "--only", "features"]) == 0
+                 "--only", "features", "--mc-form", "content-letter", "--lookups", "2"]) == 0
+    assert json.loads((out / "scenes" / "meta.json").read_text())["mc_form"] == "content-letter"
+    assert main(["reproduce", "--quick", "--out", str(out), "--only", "scenes"]) == 2  # the default form
+    assert main(["reproduce", "--quick", "--out", str(tmp_path / "x"), "--mc-form", "words"]) == 2
+    assert main(["reproduce", "--quick", "--out", str(tmp_path / "x"), "--lookups", "33"]) == 2
     stages = json.loads((out / "run.json").read_text())["stages"]
+    assert "--mc-form content-letter --lookups 2" in stages["scenes"]["command"]
     again = tmp_path / "again"
     for name in ("scenes", "tokenizer", "features"):
         args = shlex.split(stages[name]["command"].replace(str(out), str(again)))

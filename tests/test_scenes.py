@@ -183,6 +183,57 @@ def test_more_verification_and_mc_questions_per_image():
         assert len(recs) - len(one) == 4 + 1  # two more pairs, one more MC question
 
 
+def _truth(scene, question: str) -> str:
+    """The answer to an MC question's stem, read from the scene itself."""
+    if question == "How many objects are there?":
+        return str(len(scene.objects))
+    thing = question.rstrip("?").split(" the ", 1)[1]
+    if question.startswith("What shape is at"):
+        return next(o.shape for o in scene.objects if o.position == thing)
+    o = scene.by_shape(thing)
+    return o.color if question.startswith("What color") else o.position
+
+
+def test_content_letter_mc_answers_say_the_options_text_then_its_letter(tmp_path, capsys):
+    """--mc-form content-letter: every training MC answer is "<text> <letter>", the letter the option
+    holding that text and the text the scene's truth; nothing else changes, and the test questions
+    keep the bare letter (what the scorer compares with). An unknown form is one clear error."""
+    import random
+
+    scenes = S.sample_scenes("train", 40, 0, 48)
+    for scene in scenes:
+        plain = S.train_conversations(scene, random.Random(scene.id), [], mc_questions=4)
+        recs = S.train_conversations(scene, random.Random(scene.id), [], mc_questions=4, mc_form="content-letter")
+        assert [r["conversations"][0] for r in recs] == [r["conversations"][0] for r in plain]
+        for r, p in zip(recs, plain):
+            q, a = r["conversations"][0]["value"], r["conversations"][1]["value"]
+            if not q.endswith(S.MC_SUFFIX):
+                assert a == p["conversations"][1]["value"]
+                continue
+            text, letter = a.rsplit(" ", 1)
+            options = dict(line.split(". ", 1) for line in q.split("\n")[2:-1])
+            assert letter == p["conversations"][1]["value"] and options[letter] == text
+            assert text == _truth(scene, q.split("\n")[1])  # "<image>", the stem, the options, MC_SUFFIX
+    assert S.mc_answer("C", "top left", "content-letter") == "top left C" and S.mc_answer("C", "x", "letter") == "C"
+    for scene in scenes:  # lookups: the stem is the answer's text, packed with the image; nothing else moves
+        plain = S.train_conversations(scene, random.Random(scene.id), [])
+        recs = S.train_conversations(scene, random.Random(scene.id), [], mc_form="content-letter", lookups=3)
+        looks = [r for r in recs if r["conversations"][0]["value"].split("\n")[1] in
+                 {r["conversations"][1]["value"].rsplit(" ", 1)[0] for r in recs}]
+        assert len(recs) == len(plain) + 3 and len(looks) >= 3 and all(r["image"] == scene.image for r in recs)
+        for r in looks:
+            q, a = r["conversations"][0]["value"], r["conversations"][1]["value"]
+            text, letter = a.rsplit(" ", 1)
+            assert dict(line.split(". ", 1) for line in q.split("\n")[2:-1])[letter] == text == q.split("\n")[1]
+    assert main(["data", "scenes", "--out", str(tmp_path / "a"), "--train", "3", "--val", "2", "--test", "3",
+                 "--mc-form", "content-letter"]) == 0
+    mc = S.read_jsonl(tmp_path / "a" / "test" / "mc.jsonl")
+    assert all(r["answer"] in S.LETTERS for r in mc)
+    assert json.loads((tmp_path / "a" / "meta.json").read_text())["mc_form"] == "content-letter"
+    assert main(["data", "scenes", "--out", str(tmp_path / "b"), "--train", "3", "--test", "3", "--mc-form", "words"]) == 2
+    assert "unknown MC answer form 'words'" in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
 def test_a_scene_read_back_from_scenes_jsonl_is_the_scene_written(scenes_dir):
     rows = S.read_jsonl(scenes_dir / "train" / "scenes.jsonl")
     for row in rows[:50]:

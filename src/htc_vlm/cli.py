@@ -34,6 +34,10 @@ def data_scenes(
     size: Annotated[int, typer.Option(help="Image side in pixels (48 for the tiny preset, 336 for CLIP-L/336).")] = 48,
     mme_pairs: Annotated[int, typer.Option(help="MME-style yes/no pairs per training image (distinct sub-tasks, 1-6).")] = 1,
     mc_questions: Annotated[int, typer.Option(help="Multiple-choice questions per training image (distinct kinds, 1-4).")] = 1,
+    mc_form: Annotated[str, typer.Option(help="How training MC answers are written: 'letter' (LLaVA's) or "
+                                         "'content-letter' (the option's text, then its letter).")] = "letter",
+    lookups: Annotated[int, typer.Option(help="Lookup questions per training image: MC options with the answer's "
+                                         "text as the question (0-32).")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
 ) -> None:
     """Write the scene benchmark: images, LLaVA training files, per-family test questions, tokenizer."""
@@ -44,7 +48,7 @@ def data_scenes(
     with atomic_dir(out, overwrite) as tmp, progress_bar() as bar:
         task = bar.add_task("rendering scenes", total=train + val + test)
         meta = write_benchmark(tmp, train, test, seed, size, progress=lambda: bar.advance(task), n_val=val,
-                               mme_pairs=mme_pairs, mc_questions=mc_questions)
+                               mme_pairs=mme_pairs, mc_questions=mc_questions, mc_form=mc_form, lookups=lookups)
         save_tokenizer(tmp / "tokenizer")
     console.print(f"wrote {train} train, {val} val and {test} test scenes to {out}: " +
                   ", ".join(f"{k} {v}" for k, v in meta["questions"].items()))
@@ -452,12 +456,17 @@ def reproduce(
     base_per_seed: Annotated[bool | None, typer.Option(
         "--base-per-seed/--one-base", help="Table 1's seed s > 0 also trains its own base model (align + instruct "
         "with seed s) and compresses from it, so the intervals cover the base's variation (default: the preset's; tiny: a base per seed).")] = None,
+    mc_form: Annotated[str | None, typer.Option(help="How the training data write MC answers: 'letter' (LLaVA's; "
+                                                     "the preset's default) or 'content-letter' (the option's text, then its letter).")] = None,
+    lookups: Annotated[int | None, typer.Option(help="Lookup questions per training image (MC options with the "
+                                                     "answer's text as the question; default: the preset's, 0).")] = None,
 ) -> None:
     """Run the paper's pipeline on the embedded default, stage by stage, resuming where it stopped."""
     from .reproduce import default_jobs, run
 
     run(out, preset=preset, quick=quick, only=only, console=console, seeds=seeds,
-        jobs=default_jobs() if jobs is None else jobs, base_per_seed=base_per_seed)
+        jobs=default_jobs() if jobs is None else jobs, base_per_seed=base_per_seed, mc_form=mc_form,
+        lookups=lookups)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -72,6 +72,10 @@ class RunPreset:
     fusions: tuple[str, ...] = ("pre", "post")
     attentions: tuple[str, ...] = ("causal", "isolated")
     table2_families: tuple[str, ...] = ("open", "pope_adversarial", "mme")
+    # How training MC answers are written (data.scenes.mc_answer): "letter" (LLaVA's, which the tiny
+    # language model never learns: MC circular accuracy 0) or "content-letter" (docs/LOG.md, session 14).
+    mc_form: str = "letter"
+    lookups: int = 0  # lookup questions per training image (data.scenes.lookup_question)
     seed: int = 0
 
 
@@ -89,7 +93,8 @@ PRESETS = {
 EXTENSIBLE = ("seeds",)
 
 
-def get_preset(name: str, quick: bool, seeds: int | None = None, base_per_seed: bool | None = None) -> RunPreset:
+def get_preset(name: str, quick: bool, seeds: int | None = None, base_per_seed: bool | None = None,
+               mc_form: str | None = None, lookups: int | None = None) -> RunPreset:
     key = f"{name}-quick" if quick else name
     if key not in PRESETS:
         raise HTCError(f"unknown preset {name!r}{' with --quick' if quick else ''}; known: "
@@ -101,6 +106,15 @@ def get_preset(name: str, quick: bool, seeds: int | None = None, base_per_seed: 
         p = replace(p, seeds=tuple(range(seeds)))
     if base_per_seed is not None:
         p = replace(p, base_per_seed=base_per_seed)
+    if mc_form is not None:
+        from .data.scenes import mc_answer
+
+        mc_answer("A", "red", mc_form)  # an unknown form: one error naming the choices
+        p = replace(p, mc_form=mc_form)
+    if lookups is not None:
+        if not 0 <= lookups <= 32:
+            raise HTCError(f"--lookups must be 0-32, got {lookups}")
+        p = replace(p, lookups=lookups)
     return p
 
 
@@ -195,10 +209,13 @@ def _stage_scenes(root: Path, preset: RunPreset) -> dict:
 
     with atomic_dir(root / "scenes", overwrite=True) as tmp:
         meta = write_benchmark(tmp, preset.train_scenes, preset.test_scenes, preset.seed, preset.image_size,
-                               n_val=preset.val_scenes)
+                               n_val=preset.val_scenes, mc_form=preset.mc_form,
+                               lookups=preset.lookups)
         save_tokenizer(tmp / "tokenizer")
     cmd = (f"htc-vlm data scenes --out {root / 'scenes'} --train {preset.train_scenes} --val {preset.val_scenes} "
-           f"--test {preset.test_scenes} --seed {preset.seed} --size {preset.image_size}")
+           f"--test {preset.test_scenes} --seed {preset.seed} --size {preset.image_size}"
+           + (f" --mc-form {preset.mc_form}" if preset.mc_form != "letter" else "")
+           + (f" --lookups {preset.lookups}" if preset.lookups else ""))
     return {"outputs": str(root / "scenes"), "command": cmd, "questions": meta["questions"]}
 
 
@@ -498,12 +515,13 @@ def default_jobs() -> int:
 
 
 def run(out: Path, preset: str = "tiny", quick: bool = False, only: list[str] | None = None, console=None,
-        seeds: int | None = None, jobs: int = 1, base_per_seed: bool | None = None) -> dict:
+        seeds: int | None = None, jobs: int = 1, base_per_seed: bool | None = None, mc_form: str | None = None,
+        lookups: int | None = None) -> dict:
     """Run (or resume) every stage of ``preset`` into ``out``; return the run record. ``seeds`` trains
     Table 1 with seeds 0..seeds-1 (default: the preset's); it may grow on an existing run. ``jobs``
     pooled stages (training and evaluating the compression runs) run at once in worker processes,
     each on cores // jobs threads; the base model's stages run one at a time on every core."""
-    p = get_preset(preset, quick, seeds, base_per_seed)
+    p = get_preset(preset, quick, seeds, base_per_seed, mc_form, lookups)
     if jobs < 1:
         raise HTCError(f"--jobs must be at least 1, got {jobs}")
     todo = stages(p)
@@ -601,8 +619,7 @@ def run(out: Path, preset: str = "tiny", quick: bool = False, only: list[str] | 
                     pool = pool or _make_pool(jobs, threads)
                     log = _log_of(out, stage)
                     t0 = started(stage, f" (worker, {threads} thread{'s' * (threads > 1)}; log {log.relative_to(out)})")
-                    fut = pool.submit(_pooled_stage, str(out), preset, quick, seeds, stage.name, str(log),
-                                      p.base_per_seed)
+                    fut = pool.submit(_pooled_stage, str(out), p, stage.name, str(log))
                     running[fut] = (stage, t0, log)
                     pending.remove(stage)
                     launched = True
@@ -677,11 +694,9 @@ def _make_pool(jobs: int, threads: int):
                                initargs=(threads,))
 
 
-def _pooled_stage(out: str, preset: str, quick: bool, seeds: int | None, name: str, log: str,
-                  base_per_seed: bool = False):
-    """Run stage ``name`` of the preset in a worker; (True, summary, "") or (False, error, traceback).
+def _pooled_stage(out: str, p: RunPreset, name: str, log: str):
+    """Run stage ``name`` of preset ``p`` in a worker; (True, summary, "") or (False, error, traceback).
     The worker's output (progress bars, warnings) goes to ``log``, not over the scheduler's lines."""
-    p = get_preset(preset, quick, seeds, base_per_seed)
     stage = next(s for s in stages(p) if s.name == name)
     with _output_to(Path(log)), _progress_to(Path(log)):
         try:

@@ -319,6 +319,21 @@ def mc_prompt(question: str, options: list[str]) -> str:
     return "\n".join(lines + [MC_SUFFIX])
 
 
+MC_FORMS = ("letter", "content-letter")
+
+
+def mc_answer(letter: str, text: str, form: str) -> str:
+    """A training answer to an MC question: LLaVA's bare letter, or the option's text then its letter.
+
+    ``content-letter`` ("green B") splits the answer into the two steps a 4-layer language model can
+    learn one at a time: reading the image (as open questions do) and finding the letter of that text
+    among the options (docs/LOG.md, session 13). VLMEvalKit's MMBench matcher reads the lone letter.
+    """
+    if form not in MC_FORMS:
+        raise HTCError(f"unknown MC answer form {form!r}; choose one of {', '.join(MC_FORMS)}")
+    return letter if form == "letter" else f"{text} {letter}"
+
+
 def _mc_question(scene: Scene, rng: random.Random, kind: str) -> dict:
     o = rng.choice(scene.objects)
     question, correct, values = {
@@ -367,8 +382,20 @@ def test_questions(scenes: list[Scene], seed: int, open_per_image: int = 4) -> d
     return families
 
 
+def lookup_prompt(q: dict) -> str:
+    """MC question ``q``'s prompt with its stem replaced by the answer's text ("blue\\nA. orange\\n...\\nD.
+    blue\\n..."): only the second step of an MC answer is left, finding the letter of a given text."""
+    return mc_prompt(q["answer_text"], q["options"])
+
+
+def lookup_question(scene: Scene, rng: random.Random) -> dict:
+    """A :func:`lookup_prompt` question on an MC question of a random kind."""
+    q = _mc_question(scene, rng, rng.choice(MC_KINDS))
+    return q | {"template": "mc/lookup", "text": lookup_prompt(q)}
+
+
 def train_conversations(scene: Scene, rng: random.Random, popularity: list[str], mme_pairs: int = 1,
-                        mc_questions: int = 1) -> list[dict]:
+                        mc_questions: int = 1, mc_form: str = "letter", lookups: int = 0) -> list[dict]:
     """LLaVA-format records for one training image: one question-answer pair each, mixing every
     family's question kinds (several records may share an image, as in LLaVA-665k).
 
@@ -378,7 +405,9 @@ def train_conversations(scene: Scene, rng: random.Random, popularity: list[str],
     (counting 0.62 after 6 multi-turn epochs, 1.00 after 1 single-turn epoch).
 
     ``mme_pairs`` MME pairs (of distinct sub-tasks) and ``mc_questions`` MC questions (of distinct
-    kinds) per image; more of them teach verification (docs/LOG.md, session 5).
+    kinds) per image; more of them teach verification (docs/LOG.md, session 5). ``mc_form`` is how MC
+    answers are written (:func:`mc_answer`); ``lookups`` adds that many :func:`lookup_question` records
+    (with the image, so that they pack with its other questions; the answer is in the text).
     """
     qa = list(_open_questions(scene, rng).values())
     # POPE is asked with LLaVA's short-answer instruction (the evaluator appends it, as LLaVA's
@@ -390,7 +419,11 @@ def train_conversations(scene: Scene, rng: random.Random, popularity: list[str],
     for sub in [rng.choice(MME_SUBTASKS)] if mme_pairs == 1 else rng.sample(MME_SUBTASKS, mme_pairs):
         qa += _mme_pair(scene, rng, sub)
     for kind in [rng.choice(MC_KINDS)] if mc_questions == 1 else rng.sample(MC_KINDS, mc_questions):
-        qa.append(_mc_question(scene, rng, kind))
+        q = _mc_question(scene, rng, kind)
+        qa.append(q | {"answer": mc_answer(q["answer"], q["answer_text"], mc_form)})
+    for _ in range(lookups):  # drawn after the others, so lookups=0 leaves the default files' bytes
+        q = lookup_question(scene, rng)
+        qa.append(q | {"answer": mc_answer(q["answer"], q["answer_text"], mc_form)})
     rng.shuffle(qa)
     return [{"id": f"{scene.id}-{j:02d}", "image": scene.image, "conversations": [
         {"from": "human", "value": f"{IMAGE_TOKEN}\n" + q["text"]}, {"from": "gpt", "value": q["answer"]}]}
@@ -415,7 +448,8 @@ def png_bytes(img: Image.Image) -> bytes:
 
 
 def write_benchmark(out: Path, n_train: int, n_test: int, seed: int, image_size: int, progress=None,
-                    n_val: int = 200, mme_pairs: int = 1, mc_questions: int = 1) -> dict:
+                    n_val: int = 200, mme_pairs: int = 1, mc_questions: int = 1, mc_form: str = "letter",
+                    lookups: int = 0) -> dict:
     """Write the benchmark into ``out`` (which must exist and be empty). Returns ``meta``.
 
     Layout::
@@ -439,6 +473,9 @@ def write_benchmark(out: Path, n_train: int, n_test: int, seed: int, image_size:
     if not (1 <= mme_pairs <= len(MME_SUBTASKS) and 1 <= mc_questions <= len(MC_KINDS)):
         raise HTCError(f"--mme-pairs must be 1-{len(MME_SUBTASKS)} and --mc-questions 1-{len(MC_KINDS)}, "
                        f"got {mme_pairs} and {mc_questions}")
+    mc_answer("A", "red", mc_form)  # an unknown form fails before any image is written
+    if not 0 <= lookups <= 32:
+        raise HTCError(f"--lookups must be 0-32, got {lookups}")
     (out / "images").mkdir()
     splits = {"train": sample_scenes("train", n_train, seed, image_size),
               "val": sample_scenes("val", n_val, seed, image_size),
@@ -456,7 +493,8 @@ def write_benchmark(out: Path, n_train: int, n_test: int, seed: int, image_size:
         rng = random.Random(f"htc-vlm-{split}-questions/{seed}")
         scenes = splits[split]
         _write_json(out / split / "conversations.json",
-                    [r for s in scenes for r in train_conversations(s, rng, popularity, mme_pairs, mc_questions)])
+                    [r for s in scenes for r in train_conversations(s, rng, popularity, mme_pairs, mc_questions, mc_form,
+                                                                lookups)])
     _write_json(out / "train" / "captions.json", [r for s in splits["train"] for r in caption_records(s)])
     counts: dict[str, dict[str, int]] = {}
     for split, offset in (("val", 1), ("test", 0)):
@@ -465,7 +503,7 @@ def write_benchmark(out: Path, n_train: int, n_test: int, seed: int, image_size:
             _write_jsonl(out / split / f"{fam}.jsonl", qs)
             counts[split][fam] = len(qs)
     meta = {"format_version": FORMAT_VERSION, "seed": seed, "image_size": image_size, "mme_pairs": mme_pairs,
-            "mc_questions": mc_questions,
+            "mc_questions": mc_questions, "mc_form": mc_form, "lookups": lookups,
             "train": n_train, "val": n_val, "test": n_test, "questions": counts["test"],
             "val_questions": counts["val"]}
     _write_json(out / "meta.json", meta)

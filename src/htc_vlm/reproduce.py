@@ -106,15 +106,11 @@ def get_preset(name: str, quick: bool, seeds: int | None = None, base_per_seed: 
         p = replace(p, seeds=tuple(range(seeds)))
     if base_per_seed is not None:
         p = replace(p, base_per_seed=base_per_seed)
-    if mc_form is not None:
-        from .data.scenes import mc_answer
+    if mc_form is not None or lookups is not None:
+        from .data.scenes import check_mc_options
 
-        mc_answer("A", "red", mc_form)  # an unknown form: one error naming the choices
-        p = replace(p, mc_form=mc_form)
-    if lookups is not None:
-        if not 0 <= lookups <= 32:
-            raise HTCError(f"--lookups must be 0-32, got {lookups}")
-        p = replace(p, lookups=lookups)
+        p = replace(p, mc_form=p.mc_form if mc_form is None else mc_form, lookups=p.lookups if lookups is None else lookups)
+        check_mc_options(p.mc_form, p.lookups)
     return p
 
 

@@ -382,6 +382,16 @@ def test_questions(scenes: list[Scene], seed: int, open_per_image: int = 4) -> d
     return families
 
 
+MAX_LOOKUPS = 32
+
+
+def check_mc_options(mc_form: str, lookups: int) -> None:
+    """One clear error for an unknown MC answer form or a lookup count out of range."""
+    mc_answer("A", "red", mc_form)
+    if not 0 <= lookups <= MAX_LOOKUPS:
+        raise HTCError(f"--lookups must be 0-{MAX_LOOKUPS}, got {lookups}")
+
+
 def lookup_prompt(q: dict) -> str:
     """MC question ``q``'s prompt with its stem replaced by the answer's text ("blue\\nA. orange\\n...\\nD.
     blue\\n..."): only the second step of an MC answer is left, finding the letter of a given text."""
@@ -473,9 +483,7 @@ def write_benchmark(out: Path, n_train: int, n_test: int, seed: int, image_size:
     if not (1 <= mme_pairs <= len(MME_SUBTASKS) and 1 <= mc_questions <= len(MC_KINDS)):
         raise HTCError(f"--mme-pairs must be 1-{len(MME_SUBTASKS)} and --mc-questions 1-{len(MC_KINDS)}, "
                        f"got {mme_pairs} and {mc_questions}")
-    mc_answer("A", "red", mc_form)  # an unknown form fails before any image is written
-    if not 0 <= lookups <= 32:
-        raise HTCError(f"--lookups must be 0-32, got {lookups}")
+    check_mc_options(mc_form, lookups)  # before any image is written
     (out / "images").mkdir()
     splits = {"train": sample_scenes("train", n_train, seed, image_size),
               "val": sample_scenes("val", n_val, seed, image_size),

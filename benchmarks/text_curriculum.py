@@ -52,7 +52,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 from htc_vlm import HTCForConditionalGeneration
 from htc_vlm.data.llava import IGNORE, PromptBuilder, get_template
 from htc_vlm.data.scenes import (IMAGE_TOKEN, LETTERS, MC_KINDS, MME_SUBTASKS, Scene, _mc_question, _mme_pair, lookup_prompt,
-                                 mc_answer, read_jsonl, sample_scene)
+                                 lookup_question, mc_answer, read_jsonl, sample_scene)
 from htc_vlm.data.tokenizer import save_tokenizer
 from htc_vlm.presets import build_config
 
@@ -97,8 +97,8 @@ def mc_records(run: Path, form: str) -> list[dict]:
             out.append(_record(f"{scene.id}-mc-{kind}", f"{IMAGE_TOKEN}\n{q['text']}",
                                answer(q["answer"], q["answer_text"]), scene.image))
         for j in range(8):
-            q = _mc_question(scene, rng, rng.choice(MC_KINDS))
-            lookups.append(_record(f"{scene.id}-lookup-{j}", lookup_prompt(q), answer(q["answer"], q["answer_text"])))
+            q = lookup_question(scene, rng)
+            lookups.append(_record(f"{scene.id}-lookup-{j}", q["text"], answer(q["answer"], q["answer_text"])))
     out += lookups
     return out
 

@@ -34,10 +34,10 @@ def data_scenes(
     size: Annotated[int, typer.Option(help="Image side in pixels (48 for the tiny preset, 336 for CLIP-L/336).")] = 48,
     mme_pairs: Annotated[int, typer.Option(help="MME-style yes/no pairs per training image (distinct sub-tasks, 1-6).")] = 1,
     mc_questions: Annotated[int, typer.Option(help="Multiple-choice questions per training image (distinct kinds, 1-4).")] = 1,
-    mc_form: Annotated[str, typer.Option(help="How training MC answers are written: 'letter' (LLaVA's) or "
+    mc_form: Annotated[str, typer.Option(help="How training and validation MC answers are written: 'letter' (LLaVA's) or "
                                          "'content-letter' (the option's text, then its letter).")] = "letter",
-    lookups: Annotated[int, typer.Option(help="Lookup questions per training image: MC options with the answer's "
-                                         "text as the question (0-32).")] = 0,
+    lookups: Annotated[int, typer.Option(help="Lookup questions per training and validation image: MC options "
+                                         "with the answer's text as the question (0-32).")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
 ) -> None:
     """Write the scene benchmark: images, LLaVA training files, per-family test questions, tokenizer."""

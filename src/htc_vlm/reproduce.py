@@ -75,7 +75,7 @@ class RunPreset:
     # How training MC answers are written (data.scenes.mc_answer): "letter" (LLaVA's, which the tiny
     # language model never learns: MC circular accuracy 0) or "content-letter" (docs/LOG.md, session 14).
     mc_form: str = "letter"
-    lookups: int = 0  # lookup questions per training image (data.scenes.lookup_question)
+    lookups: int = 0  # lookup questions per training and validation image (data.scenes.lookup_question)
     seed: int = 0
 
 

@@ -243,6 +243,27 @@ def test_a_compression_stage_asks_for_a_converged_run(tmp_path, monkeypatch):
     assert summary["val_curve"]["val_loss"] == [0.5]
 
 
+def test_instruct_epochs_reach_every_base_and_belong_to_the_run_folder(tmp_path, monkeypatch, capsys):
+    """--instruct-epochs is passed to the instruct stage of every base (no training: _train is
+    replaced), is part of the folder's preset, and must be positive."""
+    import htc_vlm.reproduce as rp
+
+    seen = []
+    monkeypatch.setattr(rp, "_train", lambda root, stage, out, *extra, **kw: seen.append((out, extra)) or {})
+    p = rp.get_preset("tiny", False, instruct_epochs=12)
+    for s in p.seeds:
+        rp._stage_instruct(s)(tmp_path, p)
+    assert [out for out, _ in seen] == ["instruct", "bases/s1/instruct", "bases/s2/instruct"]
+    assert all("optim.num_train_epochs=12" in extra for _, extra in seen)
+    assert rp.get_preset("tiny", False).instruct_epochs == 6
+    out = tmp_path / "run"
+    assert main(["reproduce", "--quick", "--out", str(out), "--only", "scenes", "--instruct-epochs", "2"]) == 0
+    assert json.loads((out / "run.json").read_text())["preset"]["instruct_epochs"] == 2
+    assert main(["reproduce", "--quick", "--out", str(out), "--only", "scenes"]) == 2  # another preset
+    assert main(["reproduce", "--quick", "--out", str(tmp_path / "x"), "--instruct-epochs", "0"]) == 2
+    assert "--instruct-epochs must be positive" in capsys.readouterr().err
+
+
 def test_base_per_seed_gives_each_table1_seed_its_own_base_and_bounds(tmp_path, monkeypatch):
     """--base-per-seed: seed s > 0 trains align + instruct with seed s into bases/s<s>, compresses from
     that base, and its bounds are evaluated and pooled into the intervals; without it one base serves all."""

@@ -221,14 +221,15 @@ def test_a_dead_worker_fails_its_stage_with_the_reason(tmp_path, monkeypatch):
 
 def test_a_compression_stage_asks_for_a_converged_run(tmp_path, monkeypatch):
     """train/<key> passes the convergence settings of the preset to the compress stage and returns
-    the run's validation curve (no training here: _train is replaced)."""
+    the run's validation curve (no training here: _train is replaced); with lookups it trains and
+    validates on the scenes' conversations without them."""
     import htc_vlm.reproduce as rp
 
     seen = {}
 
     def fake_train(root, stage, out, *extra, method=None, budget=1):
         seen.update(stage=stage, out=out, extra=extra, method=method)
-        (tmp_path / "model").mkdir()
+        (tmp_path / "model").mkdir(exist_ok=True)
         (tmp_path / "model" / "val_curve.json").write_text('{"steps": [100], "val_loss": [0.5]}')
         return {"outputs": str(tmp_path / "model"), "command": "c"}
 
@@ -241,6 +242,18 @@ def test_a_compression_stage_asks_for_a_converged_run(tmp_path, monkeypatch):
                  f"optim.max_steps={p.compress_max_steps}", "optim.seed=1"):
         assert want in seen["extra"]
     assert summary["val_curve"]["val_loss"] == [0.5]
+    sc = tmp_path / "scenes"
+    assert {f"data.conversations={sc / 'train' / 'conversations.json'}",
+            f"data.val_conversations={sc / 'val' / 'conversations.json'}"} <= set(seen["extra"])
+    # with lookups the base's instruct stage trains on them, compression runs on the rest
+    from htc_vlm.data.scenes import WITHOUT_LOOKUPS
+
+    p = rp.get_preset("tiny", False, mc_form="content-letter", lookups=8)
+    rp._train_experiment(e)(tmp_path, p)
+    assert {f"data.conversations={sc / 'train' / WITHOUT_LOOKUPS}",
+            f"data.val_conversations={sc / 'val' / WITHOUT_LOOKUPS}"} <= set(seen["extra"])
+    rp._stage_instruct(0)(tmp_path, p)
+    assert f"data.conversations={sc / 'train' / 'conversations.json'}" in seen["extra"]
 
 
 def test_instruct_epochs_reach_every_base_and_belong_to_the_run_folder(tmp_path, monkeypatch, capsys):
@@ -421,13 +434,15 @@ def test_the_provenance_commands_of_the_first_stages_reproduce_their_outputs(tmp
 
     out = tmp_path / "run"
     assert main(["reproduce", "--quick", "--out", str(out), "--only", "scenes", "--only", "tokenizer",
-                 "--only", "features", "--mc-form", "content-letter", "--lookups", "2"]) == 0
-    assert json.loads((out / "scenes" / "meta.json").read_text())["mc_form"] == "content-letter"
+                 "--only", "features", "--mc-form", "content-letter", "--lookups", "2", "--mme-pairs", "3"]) == 0
+    meta = json.loads((out / "scenes" / "meta.json").read_text())
+    assert (meta["mc_form"], meta["mme_pairs"]) == ("content-letter", 3)
     assert main(["reproduce", "--quick", "--out", str(out), "--only", "scenes"]) == 2  # the default form
     assert main(["reproduce", "--quick", "--out", str(tmp_path / "x"), "--mc-form", "words"]) == 2
     assert main(["reproduce", "--quick", "--out", str(tmp_path / "x"), "--lookups", "33"]) == 2
+    assert main(["reproduce", "--quick", "--out", str(tmp_path / "x"), "--mme-pairs", "7"]) == 2
     stages = json.loads((out / "run.json").read_text())["stages"]
-    assert "--mc-form content-letter --lookups 2" in stages["scenes"]["command"]
+    assert "--mme-pairs 3 --mc-form content-letter --lookups 2" in stages["scenes"]["command"]
     again = tmp_path / "again"
     for name in ("scenes", "tokenizer", "features"):
         args = shlex.split(stages[name]["command"].replace(str(out), str(again)))

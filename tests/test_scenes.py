@@ -221,6 +221,9 @@ def test_content_letter_mc_answers_say_the_options_text_then_its_letter(tmp_path
         looks = [r for r in recs if r["conversations"][0]["value"].split("\n")[1] in
                  {r["conversations"][1]["value"].rsplit(" ", 1)[0] for r in recs}]
         assert len(recs) == len(plain) + 3 and len(looks) >= 3 and all(r["image"] == scene.image for r in recs)
+        marked = [r for r in recs if r.get("lookup")]
+        assert len(marked) == 3 and all(r in looks and r["lookup"] is True for r in marked)
+        assert not any("lookup" in r for r in plain)  # lookups=0: the default files' bytes
         for r in looks:
             q, a = r["conversations"][0]["value"], r["conversations"][1]["value"]
             text, letter = a.rsplit(" ", 1)
@@ -232,6 +235,20 @@ def test_content_letter_mc_answers_say_the_options_text_then_its_letter(tmp_path
     assert json.loads((tmp_path / "a" / "meta.json").read_text())["mc_form"] == "content-letter"
     assert main(["data", "scenes", "--out", str(tmp_path / "b"), "--train", "3", "--test", "3", "--mc-form", "words"]) == 2
     assert "unknown MC answer form 'words'" in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
+def test_with_lookups_the_scenes_also_write_their_conversations_without_them(tmp_path):
+    """The compression runs' file: conversations.json, record for record and in order, less the
+    records marked as lookups; none is written without lookups."""
+    assert main(["data", "scenes", "--out", str(tmp_path / "a"), "--train", "6", "--val", "3", "--test", "2",
+                 "--mc-form", "content-letter", "--lookups", "2"]) == 0
+    for split, n in (("train", 6), ("val", 3)):
+        full = json.loads((tmp_path / "a" / split / "conversations.json").read_text())
+        rest = json.loads((tmp_path / "a" / split / S.WITHOUT_LOOKUPS).read_text())
+        assert sum(bool(r.get("lookup")) for r in full) == 2 * n
+        assert rest == [r for r in full if "lookup" not in r] and len(rest) == len(full) - 2 * n
+    assert main(["data", "scenes", "--out", str(tmp_path / "b"), "--train", "3", "--val", "2", "--test", "2"]) == 0
+    assert not list((tmp_path / "b").rglob(S.WITHOUT_LOOKUPS))
 
 
 def test_a_scene_read_back_from_scenes_jsonl_is_the_scene_written(scenes_dir):

@@ -462,13 +462,15 @@ def reproduce(
                                                      "answer's text as the question; default: the preset's, 0).")] = None,
     instruct_epochs: Annotated[float | None, typer.Option(help="Epochs of every base's instruct stage (default: the "
                                                                "preset's; tiny: 6).")] = None,
+    mme_pairs: Annotated[int | None, typer.Option(help="MME yes/no pairs per training image, of distinct sub-tasks "
+                                                       "(1-6; default: the preset's, 1).")] = None,
 ) -> None:
     """Run the paper's pipeline on the embedded default, stage by stage, resuming where it stopped."""
     from .reproduce import default_jobs, run
 
     run(out, preset=preset, quick=quick, only=only, console=console, seeds=seeds,
         jobs=default_jobs() if jobs is None else jobs, base_per_seed=base_per_seed, mc_form=mc_form,
-        lookups=lookups, instruct_epochs=instruct_epochs)
+        lookups=lookups, instruct_epochs=instruct_epochs, mme_pairs=mme_pairs)
 
 
 def main(argv: list[str] | None = None) -> int:

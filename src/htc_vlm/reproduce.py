@@ -76,6 +76,7 @@ class RunPreset:
     # language model never learns: MC circular accuracy 0) or "content-letter" (docs/LOG.md, session 14).
     mc_form: str = "letter"
     lookups: int = 0  # lookup questions per training and validation image (data.scenes.lookup_question)
+    mme_pairs: int = 1  # MME yes/no pairs per training image, of distinct sub-tasks (data.scenes.train_conversations)
     seed: int = 0
 
 
@@ -95,7 +96,7 @@ EXTENSIBLE = ("seeds",)
 
 def get_preset(name: str, quick: bool, seeds: int | None = None, base_per_seed: bool | None = None,
                mc_form: str | None = None, lookups: int | None = None,
-               instruct_epochs: float | None = None) -> RunPreset:
+               instruct_epochs: float | None = None, mme_pairs: int | None = None) -> RunPreset:
     key = f"{name}-quick" if quick else name
     if key not in PRESETS:
         raise HTCError(f"unknown preset {name!r}{' with --quick' if quick else ''}; known: "
@@ -116,6 +117,12 @@ def get_preset(name: str, quick: bool, seeds: int | None = None, base_per_seed: 
         if not instruct_epochs > 0:
             raise HTCError(f"--instruct-epochs must be positive, got {instruct_epochs}")
         p = replace(p, instruct_epochs=instruct_epochs)
+    if mme_pairs is not None:
+        from .data.scenes import MME_SUBTASKS
+
+        if not 1 <= mme_pairs <= len(MME_SUBTASKS):
+            raise HTCError(f"--mme-pairs must be 1-{len(MME_SUBTASKS)} (one per MME sub-task), got {mme_pairs}")
+        p = replace(p, mme_pairs=mme_pairs)
     return p
 
 
@@ -210,11 +217,12 @@ def _stage_scenes(root: Path, preset: RunPreset) -> dict:
 
     with atomic_dir(root / "scenes", overwrite=True) as tmp:
         meta = write_benchmark(tmp, preset.train_scenes, preset.test_scenes, preset.seed, preset.image_size,
-                               n_val=preset.val_scenes, mc_form=preset.mc_form,
+                               n_val=preset.val_scenes, mme_pairs=preset.mme_pairs, mc_form=preset.mc_form,
                                lookups=preset.lookups)
         save_tokenizer(tmp / "tokenizer")
     cmd = (f"htc-vlm data scenes --out {root / 'scenes'} --train {preset.train_scenes} --val {preset.val_scenes} "
            f"--test {preset.test_scenes} --seed {preset.seed} --size {preset.image_size}"
+           + (f" --mme-pairs {preset.mme_pairs}" if preset.mme_pairs != 1 else "")
            + (f" --mc-form {preset.mc_form}" if preset.mc_form != "letter" else "")
            + (f" --lookups {preset.lookups}" if preset.lookups else ""))
     return {"outputs": str(root / "scenes"), "command": cmd, "questions": meta["questions"]}
@@ -289,15 +297,25 @@ def _stage_instruct(seed: int | None = None) -> Callable:
     return run
 
 
+def compress_conversations(preset: RunPreset) -> str:
+    """The scenes' conversation file the compression runs train and validate on: without the lookup
+    questions, which teach the base's language model the option letters and, in a compression run,
+    would more than double a step's time (docs/LOG.md, session 16)."""
+    from .data.scenes import WITHOUT_LOOKUPS
+
+    return WITHOUT_LOOKUPS if preset.lookups else "conversations.json"
+
+
 def _train_experiment(e: Experiment) -> Callable:
     def run(root: Path, preset: RunPreset) -> dict:
         from .training.plateau import FLAT_TOLERANCE
 
         sc = root / "scenes"
         init = base_dir(root, preset, e.seed) / "instruct" / "model"
+        conv = compress_conversations(preset)
         summary = _train(root, "compress", f"runs/{e.key}", f"model.init={init}",
-                         f"data.conversations={sc / 'train' / 'conversations.json'}",
-                         f"data.val_conversations={sc / 'val' / 'conversations.json'}",
+                         f"data.conversations={sc / 'train' / conv}",
+                         f"data.val_conversations={sc / 'val' / conv}",
                          f"data.val_items={preset.compress_val_items}",
                          f"optim.max_steps={preset.compress_max_steps}", f"optim.eval_steps={preset.compress_eval_steps}",
                          f"optim.stop_when_flat={FLAT_TOLERANCE}", f"optim.min_steps={preset.compress_min_steps}",
@@ -517,12 +535,12 @@ def default_jobs() -> int:
 
 def run(out: Path, preset: str = "tiny", quick: bool = False, only: list[str] | None = None, console=None,
         seeds: int | None = None, jobs: int = 1, base_per_seed: bool | None = None, mc_form: str | None = None,
-        lookups: int | None = None, instruct_epochs: float | None = None) -> dict:
+        lookups: int | None = None, instruct_epochs: float | None = None, mme_pairs: int | None = None) -> dict:
     """Run (or resume) every stage of ``preset`` into ``out``; return the run record. ``seeds`` trains
     Table 1 with seeds 0..seeds-1 (default: the preset's); it may grow on an existing run. ``jobs``
     pooled stages (training and evaluating the compression runs) run at once in worker processes,
     each on cores // jobs threads; the base model's stages run one at a time on every core."""
-    p = get_preset(preset, quick, seeds, base_per_seed, mc_form, lookups, instruct_epochs)
+    p = get_preset(preset, quick, seeds, base_per_seed, mc_form, lookups, instruct_epochs, mme_pairs)
     if jobs < 1:
         raise HTCError(f"--jobs must be at least 1, got {jobs}")
     todo = stages(p)

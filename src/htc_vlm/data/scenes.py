@@ -392,6 +392,12 @@ def check_mc_options(mc_form: str, lookups: int) -> None:
         raise HTCError(f"--lookups must be 0-{MAX_LOOKUPS}, got {lookups}")
 
 
+LOOKUP_TEMPLATE = "mc/lookup"
+# Beside conversations.json when lookups > 0: its records less the lookups (marked "lookup": true), which
+# only the base's instruct stage trains on; compression runs step through the rest (docs/LOG.md, session 16).
+WITHOUT_LOOKUPS = "conversations-without-lookups.json"
+
+
 def lookup_prompt(q: dict) -> str:
     """MC question ``q``'s prompt with its stem replaced by the answer's text ("blue\\nA. orange\\n...\\nD.
     blue\\n..."): only the second step of an MC answer is left, finding the letter of a given text."""
@@ -401,7 +407,7 @@ def lookup_prompt(q: dict) -> str:
 def lookup_question(scene: Scene, rng: random.Random) -> dict:
     """A :func:`lookup_prompt` question on an MC question of a random kind."""
     q = _mc_question(scene, rng, rng.choice(MC_KINDS))
-    return q | {"template": "mc/lookup", "text": lookup_prompt(q)}
+    return q | {"template": LOOKUP_TEMPLATE, "text": lookup_prompt(q)}
 
 
 def train_conversations(scene: Scene, rng: random.Random, popularity: list[str], mme_pairs: int = 1,
@@ -437,6 +443,7 @@ def train_conversations(scene: Scene, rng: random.Random, popularity: list[str],
     rng.shuffle(qa)
     return [{"id": f"{scene.id}-{j:02d}", "image": scene.image, "conversations": [
         {"from": "human", "value": f"{IMAGE_TOKEN}\n" + q["text"]}, {"from": "gpt", "value": q["answer"]}]}
+        | ({"lookup": True} if q.get("template") == LOOKUP_TEMPLATE else {})
         for j, q in enumerate(qa)]
 
 
@@ -469,6 +476,8 @@ def write_benchmark(out: Path, n_train: int, n_test: int, seed: int, image_size:
         train/scenes.jsonl              ground-truth objects per scene (also used by probing)
         train/captions.json             LLaVA stage-1 caption file (alignment)
         train/conversations.json        LLaVA-665k format, one question-answer record each (instruction tuning)
+        {train,val}/conversations-without-lookups.json
+                                        with --lookups: the same records less the lookups (compression runs)
         val/scenes.jsonl, val/conversations.json, val/{family}.jsonl
                                         the validation split: every recipe choice is made here
         test/scenes.jsonl
@@ -500,9 +509,11 @@ def write_benchmark(out: Path, n_train: int, n_test: int, seed: int, image_size:
     for split in ("train", "val"):
         rng = random.Random(f"htc-vlm-{split}-questions/{seed}")
         scenes = splits[split]
-        _write_json(out / split / "conversations.json",
-                    [r for s in scenes for r in train_conversations(s, rng, popularity, mme_pairs, mc_questions, mc_form,
-                                                                lookups)])
+        records = [r for s in scenes for r in train_conversations(s, rng, popularity, mme_pairs, mc_questions, mc_form,
+                                                                  lookups)]
+        _write_json(out / split / "conversations.json", records)
+        if lookups:
+            _write_json(out / split / WITHOUT_LOOKUPS, [r for r in records if not r.get("lookup")])
     _write_json(out / "train" / "captions.json", [r for s in splits["train"] for r in caption_records(s)])
     counts: dict[str, dict[str, int]] = {}
     for split, offset in (("val", 1), ("test", 0)):

@@ -118,10 +118,9 @@ def get_preset(name: str, quick: bool, seeds: int | None = None, base_per_seed: 
             raise HTCError(f"--instruct-epochs must be positive, got {instruct_epochs}")
         p = replace(p, instruct_epochs=instruct_epochs)
     if mme_pairs is not None:
-        from .data.scenes import MME_SUBTASKS
+        from .data.scenes import check_question_counts
 
-        if not 1 <= mme_pairs <= len(MME_SUBTASKS):
-            raise HTCError(f"--mme-pairs must be 1-{len(MME_SUBTASKS)} (one per MME sub-task), got {mme_pairs}")
+        check_question_counts(mme_pairs)
         p = replace(p, mme_pairs=mme_pairs)
     return p
 

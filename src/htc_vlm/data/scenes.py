@@ -385,6 +385,14 @@ def test_questions(scenes: list[Scene], seed: int, open_per_image: int = 4) -> d
 MAX_LOOKUPS = 32
 
 
+def check_question_counts(mme_pairs: int, mc_questions: int = 1) -> None:
+    """One clear error for MME pairs or MC questions per image out of range (one per sub-task / kind at most)."""
+    if not 1 <= mme_pairs <= len(MME_SUBTASKS):
+        raise HTCError(f"--mme-pairs must be 1-{len(MME_SUBTASKS)} (one per MME sub-task), got {mme_pairs}")
+    if not 1 <= mc_questions <= len(MC_KINDS):
+        raise HTCError(f"expected --mc-questions 1-{len(MC_KINDS)} (one per MC kind), got {mc_questions}")
+
+
 def check_mc_options(mc_form: str, lookups: int) -> None:
     """One clear error for an unknown MC answer form or a lookup count out of range."""
     mc_answer("A", "red", mc_form)
@@ -489,9 +497,7 @@ def write_benchmark(out: Path, n_train: int, n_test: int, seed: int, image_size:
         raise HTCError(f"--train, --val and --test must be positive, got {n_train}, {n_val} and {n_test}")
     if image_size < 24:
         raise HTCError(f"--size must be at least 24 pixels, got {image_size}")
-    if not (1 <= mme_pairs <= len(MME_SUBTASKS) and 1 <= mc_questions <= len(MC_KINDS)):
-        raise HTCError(f"--mme-pairs must be 1-{len(MME_SUBTASKS)} and --mc-questions 1-{len(MC_KINDS)}, "
-                       f"got {mme_pairs} and {mc_questions}")
+    check_question_counts(mme_pairs, mc_questions)
     check_mc_options(mc_form, lookups)  # before any image is written
     (out / "images").mkdir()
     splits = {"train": sample_scenes("train", n_train, seed, image_size),

@@ -277,6 +277,46 @@ def test_instruct_epochs_reach_every_base_and_belong_to_the_run_folder(tmp_path,
     assert "--instruct-epochs must be positive" in capsys.readouterr().err
 
 
+def test_letter_epochs_give_every_base_a_first_instruct_stage_on_letter_answers(tmp_path, monkeypatch, capsys):
+    """--letter-epochs E: each base trains instruct-letter (E epochs from align on the letter-form
+    conversations), then instruct from it on the run's own; without it instruct starts from align.
+    It needs another MC form or lookups, is not negative, and belongs to the run folder."""
+    import htc_vlm.reproduce as rp
+    from htc_vlm.data.scenes import LETTER_FORM
+
+    seen = {}
+    monkeypatch.setattr(rp, "_train", lambda root, stage, out, *extra, **kw: seen.update({out: extra}) or {})
+    p = rp.get_preset("tiny", False, mc_form="content-letter", lookups=8, letter_epochs=5)
+    by_name = {st.name: st for st in rp.stages(p)}
+    for s, base in ((0, ""), (1, "bases/s1/"), (2, "bases/s2/")):
+        assert by_name[f"{base}instruct-letter"].needs == (f"{base}align",)
+        assert by_name[f"{base}instruct"].needs == (f"{base}instruct-letter",)
+        rp._stage_instruct(s, letter=True)(tmp_path, p)
+        rp._stage_instruct(s)(tmp_path, p)
+        sc, b = tmp_path / "scenes" / "train", tmp_path / base
+        assert {"optim.num_train_epochs=5", f"model.init={b / 'align' / 'model'}",
+                f"data.conversations={sc / LETTER_FORM}", f"optim.seed={s}"} <= set(seen[f"{base}instruct-letter"])
+        assert {f"optim.num_train_epochs={p.instruct_epochs}", f"model.init={b / 'instruct-letter' / 'model'}",
+                f"data.conversations={sc / 'conversations.json'}"} <= set(seen[f"{base}instruct"])
+    names = [st.name for st in rp.stages(p)]
+    assert names.index("align") < names.index("instruct-letter") < names.index("instruct")
+    one = rp.get_preset("tiny", False, mc_form="content-letter", lookups=8)
+    assert "instruct-letter" not in {st.name for st in rp.stages(one)}
+    rp._stage_instruct(0)(tmp_path, one)
+    assert f"model.init={tmp_path / 'align' / 'model'}" in seen["instruct"]
+    out = tmp_path / "run"
+    assert main(["reproduce", "--quick", "--out", str(out), "--only", "scenes", "--lookups", "1",
+                 "--letter-epochs", "1"]) == 0
+    assert json.loads((out / "run.json").read_text())["preset"]["letter_epochs"] == 1
+    assert (out / "scenes" / "train" / LETTER_FORM).exists()
+    assert main(["reproduce", "--quick", "--out", str(out), "--only", "scenes", "--lookups", "1"]) == 2
+    assert "with other settings" in capsys.readouterr().err
+    assert main(["reproduce", "--quick", "--out", str(tmp_path / "x"), "--letter-epochs", "2"]) == 2
+    assert "--letter-epochs needs --mc-form content-letter or --lookups" in capsys.readouterr().err
+    assert main(["reproduce", "--quick", "--out", str(tmp_path / "x"), "--lookups", "1", "--letter-epochs", "-1"]) == 2
+    assert "--letter-epochs must be 0" in capsys.readouterr().err
+
+
 def test_base_per_seed_gives_each_table1_seed_its_own_base_and_bounds(tmp_path, monkeypatch):
     """--base-per-seed: seed s > 0 trains align + instruct with seed s into bases/s<s>, compresses from
     that base, and its bounds are evaluated and pooled into the intervals; without it one base serves all."""

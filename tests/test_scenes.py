@@ -251,6 +251,21 @@ def test_with_lookups_the_scenes_also_write_their_conversations_without_them(tmp
     assert not list((tmp_path / "b").rglob(S.WITHOUT_LOOKUPS))
 
 
+def test_another_mc_form_also_writes_the_default_training_conversations(tmp_path):
+    """conversations-letter.json (a first instruct stage's data) is, byte for byte, the
+    conversations.json the default options write for the same scenes; the default writes none."""
+    args = ["--train", "6", "--val", "3", "--test", "2", "--seed", "3"]
+    assert main(["data", "scenes", "--out", str(tmp_path / "d"), *args]) == 0
+    assert not list((tmp_path / "d").rglob(S.LETTER_FORM))
+    for extra in (["--mc-form", "content-letter"], ["--lookups", "2"]):
+        out = tmp_path / extra[0][2:]
+        assert main(["data", "scenes", "--out", str(out), *args, *extra]) == 0
+        letter = (out / "train" / S.LETTER_FORM).read_bytes()
+        assert letter == (tmp_path / "d" / "train" / "conversations.json").read_bytes()
+        assert letter != (out / "train" / "conversations.json").read_bytes()
+        assert not (out / "val" / S.LETTER_FORM).exists()
+
+
 def test_a_scene_read_back_from_scenes_jsonl_is_the_scene_written(scenes_dir):
     rows = S.read_jsonl(scenes_dir / "train" / "scenes.jsonl")
     for row in rows[:50]:

@@ -462,6 +462,9 @@ def reproduce(
                                                      "answer's text as the question; default: the preset's, 0).")] = None,
     instruct_epochs: Annotated[float | None, typer.Option(help="Epochs of every base's instruct stage (default: the "
                                                                "preset's; tiny: 6).")] = None,
+    letter_epochs: Annotated[float | None, typer.Option(help="Epochs of a first instruct stage of every base on letter "
+        "MC answers without lookups, before the instruct stage on the run's own (needs --mc-form content-letter or "
+        "--lookups; default: the preset's, 0: none).")] = None,
     mme_pairs: Annotated[int | None, typer.Option(help="MME yes/no pairs per training image, of distinct sub-tasks "
                                                        "(1-6; default: the preset's, 1).")] = None,
 ) -> None:
@@ -470,7 +473,7 @@ def reproduce(
 
     run(out, preset=preset, quick=quick, only=only, console=console, seeds=seeds,
         jobs=default_jobs() if jobs is None else jobs, base_per_seed=base_per_seed, mc_form=mc_form,
-        lookups=lookups, instruct_epochs=instruct_epochs, mme_pairs=mme_pairs)
+        lookups=lookups, instruct_epochs=instruct_epochs, mme_pairs=mme_pairs, letter_epochs=letter_epochs)
 
 
 def main(argv: list[str] | None = None) -> int:

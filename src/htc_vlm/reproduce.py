@@ -6,7 +6,8 @@ so running the command again skips finished stages and resumes at the one in pro
 folder belongs to one preset and one set of options: another preset is refused with a message.
 
 Stages, in order (:func:`stages` lists them for a preset):
-- the base model: ``scenes``, ``vision``, ``tokenizer``, ``features``, ``align``, ``instruct``;
+- the base model: ``scenes``, ``vision``, ``tokenizer``, ``features``, ``align``, (``instruct-letter``,
+  with ``letter_epochs``), ``instruct``;
 - ``val/upper`` (the base recipe judged on the validation split), ``eval/upper``, ``eval/lower``;
 - per trained method and setting: ``train/<key>`` (the compress stage from the upper bound, until its
   validation loss is flat) then ``eval/<key>``; keys are ``<method>-b<budget>`` plus ``-nd<N_d>``,
@@ -51,6 +52,11 @@ class RunPreset:
     vq_steps: int = 300
     align_epochs: float = 8
     instruct_epochs: float = 6  # packed by image (tiny.yaml)
+    # > 0: each base first trains an ``instruct-letter`` stage this many epochs on the default's conversations
+    # (letter MC answers, no lookups: data.scenes.LETTER_FORM), then ``instruct`` from it on the run's own
+    # (another mc_form or lookups). On val the second stage learnt the MC options without losing POPE, where
+    # one stage on lookups from align left POPE at 87-96 over five runs (docs/LOG.md, session 17).
+    letter_epochs: float = 0
     # Every compression run (Tables 1, 2, 4) runs until its validation loss is flat (training/plateau.py):
     # evaluated every compress_eval_steps steps, stopped when the best loss of the last 20% of the steps
     # improved by less than 1%, capped at compress_max_steps (the report flags a capped run). Not before
@@ -96,7 +102,8 @@ EXTENSIBLE = ("seeds",)
 
 def get_preset(name: str, quick: bool, seeds: int | None = None, base_per_seed: bool | None = None,
                mc_form: str | None = None, lookups: int | None = None,
-               instruct_epochs: float | None = None, mme_pairs: int | None = None) -> RunPreset:
+               instruct_epochs: float | None = None, mme_pairs: int | None = None,
+               letter_epochs: float | None = None) -> RunPreset:
     key = f"{name}-quick" if quick else name
     if key not in PRESETS:
         raise HTCError(f"unknown preset {name!r}{' with --quick' if quick else ''}; known: "
@@ -122,6 +129,13 @@ def get_preset(name: str, quick: bool, seeds: int | None = None, base_per_seed: 
 
         check_question_counts(mme_pairs)
         p = replace(p, mme_pairs=mme_pairs)
+    if letter_epochs is not None:
+        if letter_epochs < 0:
+            raise HTCError(f"--letter-epochs must be 0 (one instruct stage) or positive, got {letter_epochs}")
+        p = replace(p, letter_epochs=letter_epochs)
+    if p.letter_epochs and p.mc_form == "letter" and not p.lookups:
+        raise HTCError("--letter-epochs needs --mc-form content-letter or --lookups: with letter answers and no "
+                       "lookups both instruct stages would train on the same conversations (use --instruct-epochs)")
     return p
 
 
@@ -285,14 +299,22 @@ def _stage_align(seed: int | None = None) -> Callable:
     return run
 
 
-def _stage_instruct(seed: int | None = None) -> Callable:
+def _stage_instruct(seed: int | None = None, letter: bool = False) -> Callable:
+    """The base's ``instruct`` stage, from ``align`` or, with ``letter_epochs``, from ``instruct-letter``;
+    ``letter=True``: that first stage, on the letter-form conversations."""
     def run(root: Path, preset: RunPreset) -> dict:
+        from .data.scenes import LETTER_FORM
+
         s = preset.seed if seed is None else seed
         base = base_dir(root, preset, s)
-        return _train(root, "instruct", str(base.relative_to(root) / "instruct"),
-                      f"optim.num_train_epochs={preset.instruct_epochs}", f"optim.seed={s}",
-                      f"model.init={base / 'align' / 'model'}",
-                      f"data.conversations={root / 'scenes' / 'train' / 'conversations.json'}")
+        if letter:
+            name, init, epochs, conv = "instruct-letter", "align", preset.letter_epochs, LETTER_FORM
+        else:
+            init = "instruct-letter" if preset.letter_epochs else "align"
+            name, epochs, conv = "instruct", preset.instruct_epochs, "conversations.json"
+        return _train(root, "instruct", str(base.relative_to(root) / name), f"optim.num_train_epochs={epochs}",
+                      f"optim.seed={s}", f"model.init={base / init / 'model'}",
+                      f"data.conversations={root / 'scenes' / 'train' / conv}")
     return run
 
 
@@ -479,7 +501,10 @@ def stages(p: RunPreset) -> list[Stage]:
         Stage("tokenizer", _stage_tokenizer, "train the multi-group VQ tokenizer", needs=("scenes",)),
         Stage("features", _stage_features, "store the discrete latents q of every image", needs=("tokenizer",)),
         Stage("align", _stage_align(), "align: projector and the from-scratch LM on captions", needs=("vision",)),
-        Stage("instruct", _stage_instruct(), "instruct: the uncompressed upper bound", needs=("align",)),
+        *([Stage("instruct-letter", _stage_instruct(letter=True), "instruct, first stage: letter MC answers, "
+                 "no lookups", needs=("align",))] if p.letter_epochs else []),
+        Stage("instruct", _stage_instruct(), "instruct: the uncompressed upper bound",
+              needs=("instruct-letter" if p.letter_epochs else "align",)),
         Stage("val/upper", _eval_stage("val-upper", _upper, "upper", None, split="val"),
               "the upper bound on the validation split (the base recipe is judged here)", needs=base, pooled=True),
         Stage("eval/upper", _eval_stage("upper", _upper, "upper", None), "evaluate the upper bound", "table1",
@@ -490,10 +515,14 @@ def stages(p: RunPreset) -> list[Stage]:
     table1_evals = ["eval/upper", "eval/lower"]
     for s in (x for x in p.seeds if base_stage(p, x, "instruct") != "instruct"):  # --base-per-seed
         align, instruct = base_stage(p, s, "align"), base_stage(p, s, "instruct")
+        before = base_stage(p, s, "instruct-letter") if p.letter_epochs else align
         out += [Stage(align, _stage_align(s), f"align with seed {s}: the base of Table 1's seed {s}", "table1",
-                      needs=("vision",), pooled=True),
-                Stage(instruct, _stage_instruct(s), f"instruct with seed {s}: the upper bound of Table 1's seed {s}",
-                      "table1", needs=(align,), pooled=True)]
+                      needs=("vision",), pooled=True)]
+        if p.letter_epochs:
+            out.append(Stage(before, _stage_instruct(s, letter=True), f"instruct with seed {s}, first stage: letter "
+                             "MC answers, no lookups", "table1", needs=(align,), pooled=True))
+        out.append(Stage(instruct, _stage_instruct(s), f"instruct with seed {s}: the upper bound of Table 1's seed {s}",
+                         "table1", needs=(before,), pooled=True))
         for bound in ("upper", "lower"):
             key = f"{bound}-s{s}"
             upper = lambda root, s=s: base_dir(root, p, s) / "instruct" / "model"  # noqa: E731
@@ -534,12 +563,13 @@ def default_jobs() -> int:
 
 def run(out: Path, preset: str = "tiny", quick: bool = False, only: list[str] | None = None, console=None,
         seeds: int | None = None, jobs: int = 1, base_per_seed: bool | None = None, mc_form: str | None = None,
-        lookups: int | None = None, instruct_epochs: float | None = None, mme_pairs: int | None = None) -> dict:
+        lookups: int | None = None, instruct_epochs: float | None = None, mme_pairs: int | None = None,
+        letter_epochs: float | None = None) -> dict:
     """Run (or resume) every stage of ``preset`` into ``out``; return the run record. ``seeds`` trains
     Table 1 with seeds 0..seeds-1 (default: the preset's); it may grow on an existing run. ``jobs``
     pooled stages (training and evaluating the compression runs) run at once in worker processes,
     each on cores // jobs threads; the base model's stages run one at a time on every core."""
-    p = get_preset(preset, quick, seeds, base_per_seed, mc_form, lookups, instruct_epochs, mme_pairs)
+    p = get_preset(preset, quick, seeds, base_per_seed, mc_form, lookups, instruct_epochs, mme_pairs, letter_epochs)
     if jobs < 1:
         raise HTCError(f"--jobs must be at least 1, got {jobs}")
     todo = stages(p)

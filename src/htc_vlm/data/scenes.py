@@ -404,6 +404,11 @@ LOOKUP_TEMPLATE = "mc/lookup"
 # Beside conversations.json when lookups > 0: its records less the lookups (marked "lookup": true), which
 # only the base's instruct stage trains on; compression runs step through the rest (docs/LOG.md, session 16).
 WITHOUT_LOOKUPS = "conversations-without-lookups.json"
+# Beside train/conversations.json when its MC answers are not letters or it has lookups: the same scenes'
+# records as the default writes them (letter answers, no lookups), byte for byte. A first instruct stage
+# on them learns to read the image before the second learns the MC options (reproduce --letter-epochs;
+# docs/LOG.md, session 17).
+LETTER_FORM = "conversations-letter.json"
 
 
 def lookup_prompt(q: dict) -> str:
@@ -484,6 +489,8 @@ def write_benchmark(out: Path, n_train: int, n_test: int, seed: int, image_size:
         train/scenes.jsonl              ground-truth objects per scene (also used by probing)
         train/captions.json             LLaVA stage-1 caption file (alignment)
         train/conversations.json        LLaVA-665k format, one question-answer record each (instruction tuning)
+        train/conversations-letter.json with another --mc-form or --lookups: the default's records (letter
+                                        answers, no lookups) of the same scenes (a first instruct stage)
         {train,val}/conversations-without-lookups.json
                                         with --lookups: the same records less the lookups (compression runs)
         val/scenes.jsonl, val/conversations.json, val/{family}.jsonl
@@ -512,14 +519,18 @@ def write_benchmark(out: Path, n_train: int, n_test: int, seed: int, image_size:
         _write_jsonl(out / split / "scenes.jsonl", [s.to_json() for s in scenes])
 
     popularity = [c for c, _ in Counter(o.category for s in splits["train"] for o in s.objects).most_common()]
-    for split in ("train", "val"):
+    def conversations(split: str, form: str, n_lookups: int) -> list[dict]:
         rng = random.Random(f"htc-vlm-{split}-questions/{seed}")
-        scenes = splits[split]
-        records = [r for s in scenes for r in train_conversations(s, rng, popularity, mme_pairs, mc_questions, mc_form,
-                                                                  lookups)]
+        return [r for s in splits[split]
+                for r in train_conversations(s, rng, popularity, mme_pairs, mc_questions, form, n_lookups)]
+
+    for split in ("train", "val"):
+        records = conversations(split, mc_form, lookups)
         _write_json(out / split / "conversations.json", records)
         if lookups:
             _write_json(out / split / WITHOUT_LOOKUPS, [r for r in records if not r.get("lookup")])
+    if mc_form != "letter" or lookups:
+        _write_json(out / "train" / LETTER_FORM, conversations("train", "letter", 0))
     _write_json(out / "train" / "captions.json", [r for s in splits["train"] for r in caption_records(s)])
     counts: dict[str, dict[str, int]] = {}
     for split, offset in (("val", 1), ("test", 0)):

@@ -35,13 +35,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from htc_vlm.data.scenes import LETTER_FORM, WITHOUT_LOOKUPS
+from htc_vlm.data.scenes import WITHOUT_LOOKUPS
 from htc_vlm.reproduce import FAMILY_BENCHMARKS as FAMILIES
+from htc_vlm.reproduce import instruct_stages
 
 
-def base_stages(preset: dict) -> tuple[str, ...]:
-    """The run's base stages after ``vision``, in order (reproduce.stages)."""
-    return ("align", "instruct-letter", "instruct") if preset.get("letter_epochs") else ("align", "instruct")
+def plan(preset: dict) -> tuple[tuple[str, str, float, str], ...]:
+    """The run's instruct stages after align (reproduce.instruct_stages); older run records lack letter_epochs."""
+    return instruct_stages(preset.get("letter_epochs", 0), preset["instruct_epochs"])
 
 
 def _run(cmd: list[str], log: Path, threads: int | None) -> None:
@@ -64,14 +65,10 @@ def configuration(run: Path, out: Path, seed: int, threads: int | None, preset: 
     _run(["htc-vlm", "train", "--config", "tiny", "stage=align", f"output_dir={out / 'align'}",
           f"model.vision_tower={run / 'vision' / 'model'}", f"data.conversations={sc / 'train' / 'captions.json'}",
           f"optim.num_train_epochs={preset['align_epochs']}", *common], out / "align.log", threads)
-    init = "align"
-    for stage in base_stages(preset)[1:]:  # instruct-letter on the default's conversations, then instruct
-        conv, epochs = ((LETTER_FORM, preset["letter_epochs"]) if stage == "instruct-letter"
-                        else ("conversations.json", preset["instruct_epochs"]))
+    for stage, init, epochs, conv in plan(preset):
         _run(["htc-vlm", "train", "--config", "tiny", "stage=instruct", f"output_dir={out / stage}",
               f"model.init={out / init / 'model'}", f"data.conversations={sc / 'train' / conv}",
               f"optim.num_train_epochs={epochs}", *common], out / f"{stage}.log", threads)
-        init = stage
     train_s = time.perf_counter() - t0
     result = {"seed": seed, "threads": threads or os.cpu_count(), "train_seconds": round(train_s, 1)}
     for split in ("val", "test"):
@@ -142,10 +139,12 @@ def main(argv: list[str] | None = None) -> None:
         rows.append({"seed": record["preset"]["seed"], "threads": "run's own",
                      **{f"{split}_{f}": got["scores"][f] for split, got in (("val", own_val), ("test", own_test))
                         for f in FAMILIES},
-                     "train_seconds": sum(record["stages"][k]["seconds"] for k in base_stages(record["preset"]))})
+                     "train_seconds": sum(record["stages"][k]["seconds"]
+                                          for k in ("align", *(x[0] for x in plan(record["preset"]))))})
     for seed, threads in configs:
         name = f"seed{seed}" + ("-1thread" if threads == 1 else "")
-        console.print(f"{name}: {' + '.join(base_stages(record['preset']))} + evaluation ...", highlight=False)
+        console.print(f"{name}: align + {' + '.join(x[0] for x in plan(record['preset']))} + evaluation ...",
+                      highlight=False)
         rows.append(configuration(a.run, out / name, seed, threads, record["preset"]))
         bases[name] = out / name
     for split, why in (("val", "the split recipes are chosen on"), ("test", "the claim")):

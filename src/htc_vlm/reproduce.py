@@ -299,19 +299,25 @@ def _stage_align(seed: int | None = None) -> Callable:
     return run
 
 
-def _stage_instruct(seed: int | None = None, letter: bool = False) -> Callable:
-    """The base's ``instruct`` stage, from ``align`` or, with ``letter_epochs``, from ``instruct-letter``;
-    ``letter=True``: that first stage, on the letter-form conversations."""
-    def run(root: Path, preset: RunPreset) -> dict:
-        from .data.scenes import LETTER_FORM
+def instruct_stages(letter_epochs: float, instruct_epochs: float) -> tuple[tuple[str, str, float, str], ...]:
+    """A base's instruct stages in order, each (name, the stage it starts from, epochs, its training
+    conversations in ``scenes/train``): with ``letter_epochs`` > 0, ``instruct-letter`` on the default's
+    conversations first, then ``instruct`` on the run's own. benchmarks/base_robustness.py trains the same."""
+    from .data.scenes import LETTER_FORM
 
+    first = (("instruct-letter", "align", letter_epochs, LETTER_FORM),) if letter_epochs else ()
+    return (*first, ("instruct", first[0][0] if first else "align", instruct_epochs, "conversations.json"))
+
+
+def _stage_instruct(seed: int | None = None, letter: bool = False) -> Callable:
+    """The base's ``instruct`` stage or, ``letter=True``, its ``instruct-letter`` stage (:func:`instruct_stages`)."""
+    name = "instruct-letter" if letter else "instruct"
+
+    def run(root: Path, preset: RunPreset) -> dict:
         s = preset.seed if seed is None else seed
         base = base_dir(root, preset, s)
-        if letter:
-            name, init, epochs, conv = "instruct-letter", "align", preset.letter_epochs, LETTER_FORM
-        else:
-            init = "instruct-letter" if preset.letter_epochs else "align"
-            name, epochs, conv = "instruct", preset.instruct_epochs, "conversations.json"
+        init, epochs, conv = next(x[1:] for x in instruct_stages(preset.letter_epochs, preset.instruct_epochs)
+                                  if x[0] == name)
         return _train(root, "instruct", str(base.relative_to(root) / name), f"optim.num_train_epochs={epochs}",
                       f"optim.seed={s}", f"model.init={base / init / 'model'}",
                       f"data.conversations={root / 'scenes' / 'train' / conv}")
@@ -493,18 +499,22 @@ def _stage_attention(root: Path, preset: RunPreset) -> dict:
 # ---------------------------------------------------------------------- the stage list
 
 
+# what each of instruct_stages' stages is, in its Stage description
+INSTRUCT_ROLES = {"instruct-letter": ", first stage: letter MC answers, no lookups",
+                  "instruct": ": the uncompressed upper bound"}
+
+
 def stages(p: RunPreset) -> list[Stage]:
     base = ("instruct",)
+    plan = instruct_stages(p.letter_epochs, p.instruct_epochs)
     out = [
         Stage("scenes", _stage_scenes, "generate the scene benchmark and the embedded tokenizer"),
         Stage("vision", _stage_vision, "pre-train the tiny vision tower (dense scene attributes)", needs=("scenes",)),
         Stage("tokenizer", _stage_tokenizer, "train the multi-group VQ tokenizer", needs=("scenes",)),
         Stage("features", _stage_features, "store the discrete latents q of every image", needs=("tokenizer",)),
         Stage("align", _stage_align(), "align: projector and the from-scratch LM on captions", needs=("vision",)),
-        *([Stage("instruct-letter", _stage_instruct(letter=True), "instruct, first stage: letter MC answers, "
-                 "no lookups", needs=("align",))] if p.letter_epochs else []),
-        Stage("instruct", _stage_instruct(), "instruct: the uncompressed upper bound",
-              needs=("instruct-letter" if p.letter_epochs else "align",)),
+        *(Stage(name, _stage_instruct(letter=name != "instruct"), f"instruct{INSTRUCT_ROLES[name]}", needs=(init,))
+          for name, init, _, _ in plan),
         Stage("val/upper", _eval_stage("val-upper", _upper, "upper", None, split="val"),
               "the upper bound on the validation split (the base recipe is judged here)", needs=base, pooled=True),
         Stage("eval/upper", _eval_stage("upper", _upper, "upper", None), "evaluate the upper bound", "table1",
@@ -515,14 +525,12 @@ def stages(p: RunPreset) -> list[Stage]:
     table1_evals = ["eval/upper", "eval/lower"]
     for s in (x for x in p.seeds if base_stage(p, x, "instruct") != "instruct"):  # --base-per-seed
         align, instruct = base_stage(p, s, "align"), base_stage(p, s, "instruct")
-        before = base_stage(p, s, "instruct-letter") if p.letter_epochs else align
-        out += [Stage(align, _stage_align(s), f"align with seed {s}: the base of Table 1's seed {s}", "table1",
-                      needs=("vision",), pooled=True)]
-        if p.letter_epochs:
-            out.append(Stage(before, _stage_instruct(s, letter=True), f"instruct with seed {s}, first stage: letter "
-                             "MC answers, no lookups", "table1", needs=(align,), pooled=True))
-        out.append(Stage(instruct, _stage_instruct(s), f"instruct with seed {s}: the upper bound of Table 1's seed {s}",
-                         "table1", needs=(before,), pooled=True))
+        out.append(Stage(align, _stage_align(s), f"align with seed {s}: the base of Table 1's seed {s}", "table1",
+                         needs=("vision",), pooled=True))
+        out += [Stage(base_stage(p, s, name), _stage_instruct(s, letter=name != "instruct"),
+                      f"instruct with seed {s}" + (f": the upper bound of Table 1's seed {s}" if name == "instruct"
+                                                   else INSTRUCT_ROLES[name]),
+                      "table1", needs=(base_stage(p, s, init),), pooled=True) for name, init, _, _ in plan]
         for bound in ("upper", "lower"):
             key = f"{bound}-s{s}"
             upper = lambda root, s=s: base_dir(root, p, s) / "instruct" / "model"  # noqa: E731

@@ -30,6 +30,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 from rich.console import Console
@@ -37,12 +38,14 @@ from rich.table import Table
 
 from htc_vlm.data.scenes import WITHOUT_LOOKUPS
 from htc_vlm.reproduce import FAMILY_BENCHMARKS as FAMILIES
-from htc_vlm.reproduce import instruct_stages
+from htc_vlm.reproduce import InstructStage, RunPreset, instruct_stages
 
 
-def plan(preset: dict) -> tuple[tuple[str, str, float, str], ...]:
-    """The run's instruct stages after align (reproduce.instruct_stages); older run records lack letter_epochs."""
-    return instruct_stages(preset.get("letter_epochs", 0), preset["instruct_epochs"])
+def plan(preset: dict) -> tuple[InstructStage, ...]:
+    """The run's instruct stages after align (reproduce.instruct_stages); a setting newer than the run's
+    record takes its default, as when reproduce resumes the run."""
+    known = {f.name for f in fields(RunPreset)}
+    return instruct_stages(RunPreset(**{k: v for k, v in preset.items() if k in known}))
 
 
 def _run(cmd: list[str], log: Path, threads: int | None) -> None:
@@ -65,10 +68,10 @@ def configuration(run: Path, out: Path, seed: int, threads: int | None, preset: 
     _run(["htc-vlm", "train", "--config", "tiny", "stage=align", f"output_dir={out / 'align'}",
           f"model.vision_tower={run / 'vision' / 'model'}", f"data.conversations={sc / 'train' / 'captions.json'}",
           f"optim.num_train_epochs={preset['align_epochs']}", *common], out / "align.log", threads)
-    for stage, init, epochs, conv in plan(preset):
-        _run(["htc-vlm", "train", "--config", "tiny", "stage=instruct", f"output_dir={out / stage}",
-              f"model.init={out / init / 'model'}", f"data.conversations={sc / 'train' / conv}",
-              f"optim.num_train_epochs={epochs}", *common], out / f"{stage}.log", threads)
+    for st in plan(preset):
+        _run(["htc-vlm", "train", "--config", "tiny", "stage=instruct", f"output_dir={out / st.name}",
+              f"model.init={out / st.init / 'model'}", f"data.conversations={sc / 'train' / st.conversations}",
+              f"optim.num_train_epochs={st.epochs}", *st.overrides, *common], out / f"{st.name}.log", threads)
     train_s = time.perf_counter() - t0
     result = {"seed": seed, "threads": threads or os.cpu_count(), "train_seconds": round(train_s, 1)}
     for split in ("val", "test"):
@@ -140,10 +143,10 @@ def main(argv: list[str] | None = None) -> None:
                      **{f"{split}_{f}": got["scores"][f] for split, got in (("val", own_val), ("test", own_test))
                         for f in FAMILIES},
                      "train_seconds": sum(record["stages"][k]["seconds"]
-                                          for k in ("align", *(x[0] for x in plan(record["preset"]))))})
+                                          for k in ("align", *(st.name for st in plan(record["preset"]))))})
     for seed, threads in configs:
         name = f"seed{seed}" + ("-1thread" if threads == 1 else "")
-        console.print(f"{name}: align + {' + '.join(x[0] for x in plan(record['preset']))} + evaluation ...",
+        console.print(f"{name}: align + {' + '.join(st.name for st in plan(record['preset']))} + evaluation ...",
                       highlight=False)
         rows.append(configuration(a.run, out / name, seed, threads, record["preset"]))
         bases[name] = out / name

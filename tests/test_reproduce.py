@@ -1,5 +1,7 @@
+import importlib.util
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -315,6 +317,49 @@ def test_letter_epochs_give_every_base_a_first_instruct_stage_on_letter_answers(
     assert "--letter-epochs needs --mc-form content-letter or --lookups" in capsys.readouterr().err
     assert main(["reproduce", "--quick", "--out", str(tmp_path / "x"), "--lookups", "1", "--letter-epochs", "-1"]) == 2
     assert "--letter-epochs must be 0" in capsys.readouterr().err
+
+
+def test_replay_verification_trains_the_second_stage_on_the_first_stages_pope_and_mme_questions_too(
+        tmp_path, monkeypatch, capsys):
+    """--replay-verification: every base's instruct stage (after instruct-letter) trains on the replay
+    file with room for an image's records in one packed item; instruct-letter is unchanged. It needs
+    --letter-epochs and belongs to the run folder; base_robustness.py plans the same stages."""
+    import htc_vlm.reproduce as rp
+    from htc_vlm.data.scenes import LETTER_FORM, REPLAY_FORM
+
+    spec = importlib.util.spec_from_file_location("base_robustness",
+                                                  Path(__file__).parents[1] / "benchmarks" / "base_robustness.py")
+    base_robustness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(base_robustness)
+
+    seen = {}
+    monkeypatch.setattr(rp, "_train", lambda root, stage, out, *extra, **kw: seen.update({out: extra}) or {})
+    p = rp.get_preset("tiny", False, mc_form="content-letter", lookups=8, letter_epochs=6, replay_verification=True)
+    plain = rp.get_preset("tiny", False, mc_form="content-letter", lookups=8, letter_epochs=6)
+    assert [st.name for st in rp.stages(p)] == [st.name for st in rp.stages(plain)]
+    sc = tmp_path / "scenes" / "train"
+    for s, base in ((0, ""), (2, "bases/s2/")):
+        for preset, tag in ((plain, "plain"), (p, "replay")):
+            rp._stage_instruct(s, letter=True)(tmp_path, preset)
+            rp._stage_instruct(s)(tmp_path, preset)
+            seen[f"{tag}/{base}"] = (seen[f"{base}instruct-letter"], seen[f"{base}instruct"])
+        assert seen[f"replay/{base}"][0] == seen[f"plain/{base}"][0]  # the first stage as before
+        assert f"data.conversations={sc / LETTER_FORM}" in seen[f"replay/{base}"][0]
+        replayed, own = set(seen[f"replay/{base}"][1]), set(seen[f"plain/{base}"][1])
+        assert replayed - own == {f"data.conversations={sc / REPLAY_FORM}", f"data.max_length={rp.REPLAY_MAX_LENGTH}"}
+        assert own - replayed == {f"data.conversations={sc / 'conversations.json'}"}
+    assert base_robustness.plan(json.loads(json.dumps(rp.asdict(p)))) == rp.instruct_stages(p)
+    assert base_robustness.plan({"name": "tiny", "instruct_epochs": 6}) == rp.instruct_stages(rp.get_preset("tiny", False))
+    out = tmp_path / "run"
+    assert main(["reproduce", "--quick", "--out", str(out), "--only", "scenes", "--lookups", "1",
+                 "--letter-epochs", "1", "--replay-verification"]) == 0
+    assert json.loads((out / "run.json").read_text())["preset"]["replay_verification"] is True
+    assert (out / "scenes" / "train" / REPLAY_FORM).exists()
+    assert main(["reproduce", "--quick", "--out", str(out), "--only", "scenes", "--lookups", "1",
+                 "--letter-epochs", "1"]) == 2
+    assert "with other settings" in capsys.readouterr().err
+    assert main(["reproduce", "--quick", "--out", str(tmp_path / "x"), "--lookups", "1", "--replay-verification"]) == 2
+    assert "--replay-verification needs --letter-epochs" in capsys.readouterr().err
 
 
 def test_base_per_seed_gives_each_table1_seed_its_own_base_and_bounds(tmp_path, monkeypatch):

@@ -253,10 +253,11 @@ def test_with_lookups_the_scenes_also_write_their_conversations_without_them(tmp
 
 def test_another_mc_form_also_writes_the_default_training_conversations(tmp_path):
     """conversations-letter.json (a first instruct stage's data) is, byte for byte, the
-    conversations.json the default options write for the same scenes; the default writes none."""
+    conversations.json the default options write for the same scenes, and conversations-replay.json is
+    the run's own records followed by that file's POPE and MME records again; the default writes neither."""
     args = ["--train", "6", "--val", "3", "--test", "2", "--seed", "3"]
     assert main(["data", "scenes", "--out", str(tmp_path / "d"), *args]) == 0
-    assert not list((tmp_path / "d").rglob(S.LETTER_FORM))
+    assert not list((tmp_path / "d").rglob(S.LETTER_FORM)) and not list((tmp_path / "d").rglob(S.REPLAY_FORM))
     for extra in (["--mc-form", "content-letter"], ["--lookups", "2"]):
         out = tmp_path / extra[0][2:]
         assert main(["data", "scenes", "--out", str(out), *args, *extra]) == 0
@@ -264,6 +265,18 @@ def test_another_mc_form_also_writes_the_default_training_conversations(tmp_path
         assert letter == (tmp_path / "d" / "train" / "conversations.json").read_bytes()
         assert letter != (out / "train" / "conversations.json").read_bytes()
         assert not (out / "val" / S.LETTER_FORM).exists()
+        # the replay file: the run's own records, then the letter file's POPE and MME records once more
+        own, letter = (json.loads((out / "train" / f).read_text()) for f in ("conversations.json", S.LETTER_FORM))
+        replay = json.loads((out / "train" / S.REPLAY_FORM).read_text())
+        assert replay[:len(own)] == own
+        extra = replay[len(own):]
+        assert len(extra) == 4 * 6  # 2 POPE + one MME pair per training image
+        by_id = {r["id"]: r for r in letter}
+        for r in extra:
+            q = r["conversations"][0]["value"]
+            assert q.endswith((S.SHORT_ANSWER, S.MME_SUFFIX)) and r["conversations"][1]["value"] in ("yes", "no")
+            assert by_id[r["id"].removesuffix("-replay")] | {"id": r["id"]} == r
+        assert len({r["id"] for r in replay}) == len(replay)
 
 
 def test_a_scene_read_back_from_scenes_jsonl_is_the_scene_written(scenes_dir):

@@ -465,6 +465,9 @@ def reproduce(
     letter_epochs: Annotated[float | None, typer.Option(help="Epochs of a first instruct stage of every base on letter "
         "MC answers without lookups, before the instruct stage on the run's own (needs --mc-form content-letter or "
         "--lookups; default: the preset's, 0: none).")] = None,
+    replay_verification: Annotated[bool | None, typer.Option(
+        "--replay-verification/--no-replay-verification", help="With --letter-epochs: the second instruct stage "
+        "also trains on the first one's POPE and MME questions again (default: the preset's, off).")] = None,
     mme_pairs: Annotated[int | None, typer.Option(help="MME yes/no pairs per training image, of distinct sub-tasks "
                                                        "(1-6; default: the preset's, 1).")] = None,
 ) -> None:
@@ -473,7 +476,8 @@ def reproduce(
 
     run(out, preset=preset, quick=quick, only=only, console=console, seeds=seeds,
         jobs=default_jobs() if jobs is None else jobs, base_per_seed=base_per_seed, mc_form=mc_form,
-        lookups=lookups, instruct_epochs=instruct_epochs, mme_pairs=mme_pairs, letter_epochs=letter_epochs)
+        lookups=lookups, instruct_epochs=instruct_epochs, mme_pairs=mme_pairs, letter_epochs=letter_epochs,
+        replay_verification=replay_verification)
 
 
 def main(argv: list[str] | None = None) -> int:

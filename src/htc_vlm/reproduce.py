@@ -30,7 +30,7 @@ import traceback
 from contextlib import contextmanager
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from .errors import HTCError
 from .io import atomic_dir, atomic_write_bytes
@@ -57,6 +57,10 @@ class RunPreset:
     # (another mc_form or lookups). On val the second stage learnt the MC options without losing POPE, where
     # one stage on lookups from align left POPE at 87-96 over five runs (docs/LOG.md, session 17).
     letter_epochs: float = 0
+    # With letter_epochs: the second stage trains on data.scenes.REPLAY_FORM, its own conversations and the
+    # first stage's POPE and MME questions again, so that verification is rehearsed while the MC options
+    # are learnt (two seeds on val: MME 908 / 949 -> 1,033 / 1,035, POPE kept, MC as much a lottery; LOG.md, session 20).
+    replay_verification: bool = False
     # Every compression run (Tables 1, 2, 4) runs until its validation loss is flat (training/plateau.py):
     # evaluated every compress_eval_steps steps, stopped when the best loss of the last 20% of the steps
     # improved by less than 1%, capped at compress_max_steps (the report flags a capped run). Not before
@@ -103,7 +107,7 @@ EXTENSIBLE = ("seeds",)
 def get_preset(name: str, quick: bool, seeds: int | None = None, base_per_seed: bool | None = None,
                mc_form: str | None = None, lookups: int | None = None,
                instruct_epochs: float | None = None, mme_pairs: int | None = None,
-               letter_epochs: float | None = None) -> RunPreset:
+               letter_epochs: float | None = None, replay_verification: bool | None = None) -> RunPreset:
     key = f"{name}-quick" if quick else name
     if key not in PRESETS:
         raise HTCError(f"unknown preset {name!r}{' with --quick' if quick else ''}; known: "
@@ -133,6 +137,11 @@ def get_preset(name: str, quick: bool, seeds: int | None = None, base_per_seed: 
         if letter_epochs < 0:
             raise HTCError(f"--letter-epochs must be 0 (one instruct stage) or positive, got {letter_epochs}")
         p = replace(p, letter_epochs=letter_epochs)
+    if replay_verification is not None:
+        p = replace(p, replay_verification=replay_verification)
+    if p.replay_verification and not p.letter_epochs:
+        raise HTCError("--replay-verification needs --letter-epochs: it replays the first instruct stage's "
+                       "POPE and MME questions in the second")
     if p.letter_epochs and p.mc_form == "letter" and not p.lookups:
         raise HTCError("--letter-epochs needs --mc-form content-letter or --lookups: with letter answers and no "
                        "lookups both instruct stages would train on the same conversations (use --instruct-epochs)")
@@ -299,14 +308,31 @@ def _stage_align(seed: int | None = None) -> Callable:
     return run
 
 
-def instruct_stages(letter_epochs: float, instruct_epochs: float) -> tuple[tuple[str, str, float, str], ...]:
-    """A base's instruct stages in order, each (name, the stage it starts from, epochs, its training
-    conversations in ``scenes/train``): with ``letter_epochs`` > 0, ``instruct-letter`` on the default's
-    conversations first, then ``instruct`` on the run's own. benchmarks/base_robustness.py trains the same."""
-    from .data.scenes import LETTER_FORM
+class InstructStage(NamedTuple):
+    name: str
+    init: str  # the stage whose model it starts from
+    epochs: float
+    conversations: str  # its training conversations, in scenes/train
+    overrides: tuple[str, ...] = ()  # further key=value settings of htc-vlm train
 
-    first = (("instruct-letter", "align", letter_epochs, LETTER_FORM),) if letter_epochs else ()
-    return (*first, ("instruct", first[0][0] if first else "align", instruct_epochs, "conversations.json"))
+
+# An image's packed records with replayed verification: up to ~600 tokens (content-letter answers, 8 lookups)
+REPLAY_MAX_LENGTH = 640
+
+
+def instruct_stages(p: RunPreset) -> tuple[InstructStage, ...]:
+    """A base's instruct stages in order: with ``letter_epochs`` > 0, ``instruct-letter`` on the default's
+    conversations first, then ``instruct`` on the run's own (with ``replay_verification``: and the first
+    stage's POPE and MME questions, each image's records still in one packed item).
+    benchmarks/base_robustness.py trains the same."""
+    from .data.scenes import LETTER_FORM, REPLAY_FORM
+
+    if not p.letter_epochs:
+        return (InstructStage("instruct", "align", p.instruct_epochs, "conversations.json"),)
+    second = (InstructStage("instruct", "instruct-letter", p.instruct_epochs, REPLAY_FORM,
+                            (f"data.max_length={REPLAY_MAX_LENGTH}",)) if p.replay_verification
+              else InstructStage("instruct", "instruct-letter", p.instruct_epochs, "conversations.json"))
+    return InstructStage("instruct-letter", "align", p.letter_epochs, LETTER_FORM), second
 
 
 def _stage_instruct(seed: int | None = None, letter: bool = False) -> Callable:
@@ -316,11 +342,10 @@ def _stage_instruct(seed: int | None = None, letter: bool = False) -> Callable:
     def run(root: Path, preset: RunPreset) -> dict:
         s = preset.seed if seed is None else seed
         base = base_dir(root, preset, s)
-        init, epochs, conv = next(x[1:] for x in instruct_stages(preset.letter_epochs, preset.instruct_epochs)
-                                  if x[0] == name)
-        return _train(root, "instruct", str(base.relative_to(root) / name), f"optim.num_train_epochs={epochs}",
-                      f"optim.seed={s}", f"model.init={base / init / 'model'}",
-                      f"data.conversations={root / 'scenes' / 'train' / conv}")
+        st = next(x for x in instruct_stages(preset) if x.name == name)
+        return _train(root, "instruct", str(base.relative_to(root) / name), f"optim.num_train_epochs={st.epochs}",
+                      f"optim.seed={s}", f"model.init={base / st.init / 'model'}",
+                      f"data.conversations={root / 'scenes' / 'train' / st.conversations}", *st.overrides)
     return run
 
 
@@ -506,15 +531,15 @@ INSTRUCT_ROLES = {"instruct-letter": ", first stage: letter MC answers, no looku
 
 def stages(p: RunPreset) -> list[Stage]:
     base = ("instruct",)
-    plan = instruct_stages(p.letter_epochs, p.instruct_epochs)
+    plan = instruct_stages(p)
     out = [
         Stage("scenes", _stage_scenes, "generate the scene benchmark and the embedded tokenizer"),
         Stage("vision", _stage_vision, "pre-train the tiny vision tower (dense scene attributes)", needs=("scenes",)),
         Stage("tokenizer", _stage_tokenizer, "train the multi-group VQ tokenizer", needs=("scenes",)),
         Stage("features", _stage_features, "store the discrete latents q of every image", needs=("tokenizer",)),
         Stage("align", _stage_align(), "align: projector and the from-scratch LM on captions", needs=("vision",)),
-        *(Stage(name, _stage_instruct(letter=name != "instruct"), f"instruct{INSTRUCT_ROLES[name]}", needs=(init,))
-          for name, init, _, _ in plan),
+        *(Stage(st.name, _stage_instruct(letter=st.name != "instruct"), f"instruct{INSTRUCT_ROLES[st.name]}",
+                needs=(st.init,)) for st in plan),
         Stage("val/upper", _eval_stage("val-upper", _upper, "upper", None, split="val"),
               "the upper bound on the validation split (the base recipe is judged here)", needs=base, pooled=True),
         Stage("eval/upper", _eval_stage("upper", _upper, "upper", None), "evaluate the upper bound", "table1",
@@ -527,10 +552,10 @@ def stages(p: RunPreset) -> list[Stage]:
         align, instruct = base_stage(p, s, "align"), base_stage(p, s, "instruct")
         out.append(Stage(align, _stage_align(s), f"align with seed {s}: the base of Table 1's seed {s}", "table1",
                          needs=("vision",), pooled=True))
-        out += [Stage(base_stage(p, s, name), _stage_instruct(s, letter=name != "instruct"),
-                      f"instruct with seed {s}" + (f": the upper bound of Table 1's seed {s}" if name == "instruct"
-                                                   else INSTRUCT_ROLES[name]),
-                      "table1", needs=(base_stage(p, s, init),), pooled=True) for name, init, _, _ in plan]
+        out += [Stage(base_stage(p, s, st.name), _stage_instruct(s, letter=st.name != "instruct"),
+                      f"instruct with seed {s}" + (f": the upper bound of Table 1's seed {s}" if st.name == "instruct"
+                                                   else INSTRUCT_ROLES[st.name]),
+                      "table1", needs=(base_stage(p, s, st.init),), pooled=True) for st in plan]
         for bound in ("upper", "lower"):
             key = f"{bound}-s{s}"
             upper = lambda root, s=s: base_dir(root, p, s) / "instruct" / "model"  # noqa: E731
@@ -572,12 +597,13 @@ def default_jobs() -> int:
 def run(out: Path, preset: str = "tiny", quick: bool = False, only: list[str] | None = None, console=None,
         seeds: int | None = None, jobs: int = 1, base_per_seed: bool | None = None, mc_form: str | None = None,
         lookups: int | None = None, instruct_epochs: float | None = None, mme_pairs: int | None = None,
-        letter_epochs: float | None = None) -> dict:
+        letter_epochs: float | None = None, replay_verification: bool | None = None) -> dict:
     """Run (or resume) every stage of ``preset`` into ``out``; return the run record. ``seeds`` trains
     Table 1 with seeds 0..seeds-1 (default: the preset's); it may grow on an existing run. ``jobs``
     pooled stages (training and evaluating the compression runs) run at once in worker processes,
     each on cores // jobs threads; the base model's stages run one at a time on every core."""
-    p = get_preset(preset, quick, seeds, base_per_seed, mc_form, lookups, instruct_epochs, mme_pairs, letter_epochs)
+    p = get_preset(preset, quick, seeds, base_per_seed, mc_form, lookups, instruct_epochs, mme_pairs, letter_epochs,
+                   replay_verification)
     if jobs < 1:
         raise HTCError(f"--jobs must be at least 1, got {jobs}")
     todo = stages(p)

@@ -409,6 +409,21 @@ WITHOUT_LOOKUPS = "conversations-without-lookups.json"
 # on them learns to read the image before the second learns the MC options (reproduce --letter-epochs;
 # docs/LOG.md, session 17).
 LETTER_FORM = "conversations-letter.json"
+# Beside LETTER_FORM: train/conversations.json followed by LETTER_FORM's yes/no verification records (its
+# POPE and MME questions, ids suffixed "-replay"), for a second instruct stage that keeps rehearsing the
+# verification the first one learnt while it learns the MC options (reproduce --replay-verification;
+# docs/LOG.md, session 20).
+REPLAY_FORM = "conversations-replay.json"
+
+
+def is_verification(record: dict) -> bool:
+    """Whether a training record asks a POPE or MME yes/no question (by the instruction each ends with)."""
+    return record["conversations"][0]["value"].endswith((SHORT_ANSWER, MME_SUFFIX))
+
+
+def replay_records(records: list[dict], letter_records: list[dict]) -> list[dict]:
+    """REPLAY_FORM's records: ``records`` and then the verification records of ``letter_records``."""
+    return records + [r | {"id": f"{r['id']}-replay"} for r in letter_records if is_verification(r)]
 
 
 def lookup_prompt(q: dict) -> str:
@@ -491,6 +506,8 @@ def write_benchmark(out: Path, n_train: int, n_test: int, seed: int, image_size:
         train/conversations.json        LLaVA-665k format, one question-answer record each (instruction tuning)
         train/conversations-letter.json with another --mc-form or --lookups: the default's records (letter
                                         answers, no lookups) of the same scenes (a first instruct stage)
+        train/conversations-replay.json with it: conversations.json, then the letter file's POPE and MME
+                                        records again (a second stage that rehearses them)
         {train,val}/conversations-without-lookups.json
                                         with --lookups: the same records less the lookups (compression runs)
         val/scenes.jsonl, val/conversations.json, val/{family}.jsonl
@@ -524,13 +541,15 @@ def write_benchmark(out: Path, n_train: int, n_test: int, seed: int, image_size:
         return [r for s in splits[split]
                 for r in train_conversations(s, rng, popularity, mme_pairs, mc_questions, form, n_lookups)]
 
-    for split in ("train", "val"):
-        records = conversations(split, mc_form, lookups)
+    own = {split: conversations(split, mc_form, lookups) for split in ("train", "val")}
+    for split, records in own.items():
         _write_json(out / split / "conversations.json", records)
         if lookups:
             _write_json(out / split / WITHOUT_LOOKUPS, [r for r in records if not r.get("lookup")])
     if mc_form != "letter" or lookups:
-        _write_json(out / "train" / LETTER_FORM, conversations("train", "letter", 0))
+        letter = conversations("train", "letter", 0)
+        _write_json(out / "train" / LETTER_FORM, letter)
+        _write_json(out / "train" / REPLAY_FORM, replay_records(own["train"], letter))
     _write_json(out / "train" / "captions.json", [r for s in splits["train"] for r in caption_records(s)])
     counts: dict[str, dict[str, int]] = {}
     for split, offset in (("val", 1), ("test", 0)):

@@ -293,7 +293,7 @@ def test_letter_epochs_give_every_base_a_first_instruct_stage_on_letter_answers(
     for s, base in ((0, ""), (1, "bases/s1/"), (2, "bases/s2/")):
         assert by_name[f"{base}instruct-letter"].needs == (f"{base}align",)
         assert by_name[f"{base}instruct"].needs == (f"{base}instruct-letter",)
-        rp._stage_instruct(s, letter=True)(tmp_path, p)
+        rp._stage_instruct(s, "instruct-letter")(tmp_path, p)
         rp._stage_instruct(s)(tmp_path, p)
         sc, b = tmp_path / "scenes" / "train", tmp_path / base
         assert {"optim.num_train_epochs=5", f"model.init={b / 'align' / 'model'}",
@@ -340,7 +340,7 @@ def test_replay_verification_trains_the_second_stage_on_the_first_stages_pope_an
     sc = tmp_path / "scenes" / "train"
     for s, base in ((0, ""), (2, "bases/s2/")):
         for preset, tag in ((plain, "plain"), (p, "replay")):
-            rp._stage_instruct(s, letter=True)(tmp_path, preset)
+            rp._stage_instruct(s, "instruct-letter")(tmp_path, preset)
             rp._stage_instruct(s)(tmp_path, preset)
             seen[f"{tag}/{base}"] = (seen[f"{base}instruct-letter"], seen[f"{base}instruct"])
         assert seen[f"replay/{base}"][0] == seen[f"plain/{base}"][0]  # the first stage as before

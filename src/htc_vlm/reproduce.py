@@ -329,16 +329,14 @@ def instruct_stages(p: RunPreset) -> tuple[InstructStage, ...]:
 
     if not p.letter_epochs:
         return (InstructStage("instruct", "align", p.instruct_epochs, "conversations.json"),)
-    second = (InstructStage("instruct", "instruct-letter", p.instruct_epochs, REPLAY_FORM,
-                            (f"data.max_length={REPLAY_MAX_LENGTH}",)) if p.replay_verification
-              else InstructStage("instruct", "instruct-letter", p.instruct_epochs, "conversations.json"))
-    return InstructStage("instruct-letter", "align", p.letter_epochs, LETTER_FORM), second
+    replay = p.replay_verification
+    return (InstructStage("instruct-letter", "align", p.letter_epochs, LETTER_FORM),
+            InstructStage("instruct", "instruct-letter", p.instruct_epochs, REPLAY_FORM if replay else "conversations.json",
+                          (f"data.max_length={REPLAY_MAX_LENGTH}",) if replay else ()))
 
 
-def _stage_instruct(seed: int | None = None, letter: bool = False) -> Callable:
-    """The base's ``instruct`` stage or, ``letter=True``, its ``instruct-letter`` stage (:func:`instruct_stages`)."""
-    name = "instruct-letter" if letter else "instruct"
-
+def _stage_instruct(seed: int | None = None, name: str = "instruct") -> Callable:
+    """The base's instruct stage ``name`` (one of :func:`instruct_stages`)."""
     def run(root: Path, preset: RunPreset) -> dict:
         s = preset.seed if seed is None else seed
         base = base_dir(root, preset, s)
@@ -538,7 +536,7 @@ def stages(p: RunPreset) -> list[Stage]:
         Stage("tokenizer", _stage_tokenizer, "train the multi-group VQ tokenizer", needs=("scenes",)),
         Stage("features", _stage_features, "store the discrete latents q of every image", needs=("tokenizer",)),
         Stage("align", _stage_align(), "align: projector and the from-scratch LM on captions", needs=("vision",)),
-        *(Stage(st.name, _stage_instruct(letter=st.name != "instruct"), f"instruct{INSTRUCT_ROLES[st.name]}",
+        *(Stage(st.name, _stage_instruct(name=st.name), f"instruct{INSTRUCT_ROLES[st.name]}",
                 needs=(st.init,)) for st in plan),
         Stage("val/upper", _eval_stage("val-upper", _upper, "upper", None, split="val"),
               "the upper bound on the validation split (the base recipe is judged here)", needs=base, pooled=True),
@@ -552,7 +550,7 @@ def stages(p: RunPreset) -> list[Stage]:
         align, instruct = base_stage(p, s, "align"), base_stage(p, s, "instruct")
         out.append(Stage(align, _stage_align(s), f"align with seed {s}: the base of Table 1's seed {s}", "table1",
                          needs=("vision",), pooled=True))
-        out += [Stage(base_stage(p, s, st.name), _stage_instruct(s, letter=st.name != "instruct"),
+        out += [Stage(base_stage(p, s, st.name), _stage_instruct(s, st.name),
                       f"instruct with seed {s}" + (f": the upper bound of Table 1's seed {s}" if st.name == "instruct"
                                                    else INSTRUCT_ROLES[st.name]),
                       "table1", needs=(base_stage(p, s, st.init),), pooled=True) for st in plan]

@@ -10,7 +10,9 @@ POPE F1 (random / popular / adversarial), MME perception (of 1,200) and MC circu
     python benchmarks/base_robustness.py RUN [--seeds 1 2] [--one-thread-seed 0] [--out RUN/robustness]
         [--compress voco htc] [--compress-steps 3000]
 
-The run's own upper bound (seed 0, trained by ``reproduce`` with all cores) is the first row.
+The run's own upper bound (seed 0, trained by ``reproduce`` with all cores) is the first row. A seed in
+``--seeds`` whose base ``reproduce --seeds`` already trained in the run folder (``bases/sN``, all cores,
+the same recipe) is not trained again: that base is scored on both splits.
 
 ``--compress METHOD ...`` also trains each method from every configuration's base (the run's own
 included): the ``compress`` stage of the preset, seed 0, one thread, ``--compress-steps`` steps at
@@ -38,14 +40,47 @@ from rich.table import Table
 
 from htc_vlm.data.scenes import WITHOUT_LOOKUPS
 from htc_vlm.reproduce import FAMILY_BENCHMARKS as FAMILIES
-from htc_vlm.reproduce import InstructStage, RunPreset, instruct_stages
+from htc_vlm.reproduce import InstructStage, RunPreset, base_stage, evaluate_families, instruct_stages
+
+
+def _preset(preset: dict) -> RunPreset:
+    """The run's recorded preset; a setting newer than the record takes its default, as when reproduce
+    resumes the run."""
+    known = {f.name for f in fields(RunPreset)}
+    return RunPreset(**{k: v for k, v in preset.items() if k in known})
 
 
 def plan(preset: dict) -> tuple[InstructStage, ...]:
-    """The run's instruct stages after align (reproduce.instruct_stages); a setting newer than the run's
-    record takes its default, as when reproduce resumes the run."""
-    known = {f.name for f in fields(RunPreset)}
-    return instruct_stages(RunPreset(**{k: v for k, v in preset.items() if k in known}))
+    """The run's instruct stages after align (reproduce.instruct_stages)."""
+    return instruct_stages(_preset(preset))
+
+
+def run_base(run: Path, record: dict, seed: int) -> tuple[Path, float] | None:
+    """The base ``reproduce --seeds`` trained for ``seed`` in the run folder, all cores, the same recipe
+    (its folder and training seconds), once all its stages are done; else None."""
+    p = _preset(record["preset"])
+    names = [base_stage(p, seed, "align"), *(base_stage(p, seed, st.name) for st in plan(record["preset"]))]
+    if seed == p.seed or names[0] == "align":  # the run's own row, or a run with one base for every seed
+        return None
+    stages = record["stages"]
+    if any(stages.get(n, {}).get("status") != "done" for n in names):
+        return None
+    return run / Path(names[-1]).parent, sum(stages[n]["seconds"] for n in names)
+
+
+def scores(run: Path, model: Path, out: Path, threads: int | None) -> dict:
+    """The upper bound ``model`` on every family of the val and test splits (outputs in out/eval-SPLIT),
+    on ``threads`` threads (default: as this process)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        return {f"{split}_{fam}": score for split in ("val", "test")
+                for fam, score in evaluate_families(run, f"{out.name}-{split}", model, "upper", None, tuple(FAMILIES),
+                                                    split, out=out / f"eval-{split}")["scores"].items()}
+    finally:
+        torch.set_num_threads(before)
 
 
 def _run(cmd: list[str], log: Path, threads: int | None) -> None:
@@ -57,32 +92,30 @@ def _run(cmd: list[str], log: Path, threads: int | None) -> None:
             raise SystemExit(f"failed: {' '.join(cmd)} (log: {log})")
 
 
-def configuration(run: Path, out: Path, seed: int, threads: int | None, preset: dict) -> dict:
+def configuration(run: Path, out: Path, seed: int, threads: int | None, preset: dict,
+                  reuse: tuple[Path, float] | None = None) -> dict:
+    """Train (or, with ``reuse``, take the run's own) base for one configuration and score it."""
     done = out / "result.json"
     if done.exists() and "val_mc" in (old := json.loads(done.read_text())):  # older results scored fewer families
         return old
     out.mkdir(parents=True, exist_ok=True)
-    sc = run / "scenes"
-    common = [f"data.images={sc / 'images'}", f"data.tokenizer={sc / 'tokenizer'}", f"optim.seed={seed}"]
-    t0 = time.perf_counter()
-    _run(["htc-vlm", "train", "--config", "tiny", "stage=align", f"output_dir={out / 'align'}",
-          f"model.vision_tower={run / 'vision' / 'model'}", f"data.conversations={sc / 'train' / 'captions.json'}",
-          f"optim.num_train_epochs={preset['align_epochs']}", *common], out / "align.log", threads)
-    for st in plan(preset):
-        _run(["htc-vlm", "train", "--config", "tiny", "stage=instruct", f"output_dir={out / st.name}",
-              f"model.init={out / st.init / 'model'}", f"data.conversations={sc / 'train' / st.conversations}",
-              f"optim.num_train_epochs={st.epochs}", *st.overrides, *common], out / f"{st.name}.log", threads)
-    train_s = time.perf_counter() - t0
-    result = {"seed": seed, "threads": threads or os.cpu_count(), "train_seconds": round(train_s, 1)}
-    for split in ("val", "test"):
-        for fam in FAMILIES:
-            where = out / f"eval-{split}" / fam
-            where.parent.mkdir(exist_ok=True)
-            _run(["htc-vlm", "eval", "--model", str(out / "instruct" / "model"), "--method", "upper",
-                  "--benchmark", FAMILIES[fam], "--questions", str(sc / split / f"{fam}.jsonl"), "--images",
-                  str(sc / "images"), "--out", str(where)], where.with_suffix(".log"), threads)
-            score = json.loads((where / "metrics.json").read_text())["scores"][FAMILIES[fam]]
-            result[f"{split}_{fam}"] = round(score, 2)
+    if reuse:
+        base, train_s = reuse
+        result = {"seed": seed, "threads": "run's own", "train_seconds": round(train_s, 1), "base": str(base)}
+    else:
+        base, sc = out, run / "scenes"
+        common = [f"data.images={sc / 'images'}", f"data.tokenizer={sc / 'tokenizer'}", f"optim.seed={seed}"]
+        t0 = time.perf_counter()
+        _run(["htc-vlm", "train", "--config", "tiny", "stage=align", f"output_dir={out / 'align'}",
+              f"model.vision_tower={run / 'vision' / 'model'}", f"data.conversations={sc / 'train' / 'captions.json'}",
+              f"optim.num_train_epochs={preset['align_epochs']}", *common], out / "align.log", threads)
+        for st in plan(preset):
+            _run(["htc-vlm", "train", "--config", "tiny", "stage=instruct", f"output_dir={out / st.name}",
+                  f"model.init={out / st.init / 'model'}", f"data.conversations={sc / 'train' / st.conversations}",
+                  f"optim.num_train_epochs={st.epochs}", *st.overrides, *common], out / f"{st.name}.log", threads)
+        result = {"seed": seed, "threads": threads or os.cpu_count(),
+                  "train_seconds": round(time.perf_counter() - t0, 1)}
+    result |= scores(run, base / "instruct" / "model", out, threads)
     done.write_text(json.dumps(result) + "\n")
     return result
 
@@ -146,10 +179,12 @@ def main(argv: list[str] | None = None) -> None:
                                           for k in ("align", *(st.name for st in plan(record["preset"]))))})
     for seed, threads in configs:
         name = f"seed{seed}" + ("-1thread" if threads == 1 else "")
-        console.print(f"{name}: align + {' + '.join(st.name for st in plan(record['preset']))} + evaluation ...",
-                      highlight=False)
-        rows.append(configuration(a.run, out / name, seed, threads, record["preset"]))
-        bases[name] = out / name
+        reuse = None if threads else run_base(a.run, record, seed)
+        what = (f"the run's own base ({reuse[0].relative_to(a.run)})" if reuse else
+                f"align + {' + '.join(st.name for st in plan(record['preset']))}")
+        console.print(f"{name}: {what} + evaluation ...", highlight=False)
+        rows.append(configuration(a.run, out / name, seed, threads, record["preset"], reuse))
+        bases[name] = Path(rows[-1].get("base", out / name))
     for split, why in (("val", "the split recipes are chosen on"), ("test", "the claim")):
         t = Table("seed", "threads", "open %", "POPE F1 r / p / a", "MME", "MC circ. %", "train s",
                   title=f"upper bound of the embedded default, {split} split ({why})")

@@ -1,5 +1,8 @@
 """Tiny random models for tests: CPU, seconds (CLIP 56 px / patch 14 -> 16 patches, Llama 2 layers)."""
 
+import importlib.util
+from pathlib import Path
+
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig
 
@@ -54,3 +57,11 @@ def train_args(run, stage: str, out: str, *extra: str) -> list[str]:
             f"data.tokenizer={s / 'tokenizer'}", f"data.features={run / 'features.safetensors'}",
             f"data.scenes={s / 'train' / 'scenes.jsonl'}", f"data.conversations={s / 'train' / 'conversations.json'}",
             *SMALL, *extra]
+
+
+def benchmark_script(name: str):
+    """benchmarks/<name>.py as a module (the scripts are not part of the package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

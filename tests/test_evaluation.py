@@ -207,3 +207,16 @@ def test_mc_by_likelihood_and_circular(tiny_model_dir, scenes_dir, tmp_path):
     n = len((scenes_dir / "test" / "mc.jsonl").read_text().splitlines())
     assert len(preds) == 4 * n and {p["prediction"] for p in preds} <= set("ABCD")
     assert "circular_accuracy" in json.loads((out / "metrics.json").read_text())["metrics"]
+
+
+def test_mc_errors_tells_a_wrong_text_from_a_wrong_lookup():
+    """benchmarks/mc_errors.py: per rotated answer, is the text the right option's, does the letter name
+    the option of the model's own text, is the letter right (as the circular scorer reads it)."""
+    from helpers import benchmark_script
+
+    split_errors = benchmark_script("mc_errors").split_errors
+    q = {"question_id": "q", "options": ["red", "blue", "green", "pink"], "answer": "C"}  # green
+    # rotations put green at C, B, A, D (red at A, D, C, B); the answers: right; right text, wrong letter;
+    # wrong text with its own letter; a right letter with no text
+    preds = {"q@r0": "green C", "q@r1": "green C", "q@r2": "red C", "q@r3": "D"}
+    assert split_errors([q], preds) == {"text_right": 50.0, "letter_of_own_text": 50.0, "letter_right": 50.0, "n": 4}

@@ -1,10 +1,10 @@
-import importlib.util
 import json
+import os
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import benchmark_script
 
 from htc_vlm.cli import main
 
@@ -327,11 +327,7 @@ def test_replay_verification_trains_the_second_stage_on_the_first_stages_pope_an
     import htc_vlm.reproduce as rp
     from htc_vlm.data.scenes import LETTER_FORM, REPLAY_FORM
 
-    spec = importlib.util.spec_from_file_location("base_robustness",
-                                                  Path(__file__).parents[1] / "benchmarks" / "base_robustness.py")
-    base_robustness = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(base_robustness)
-
+    base_robustness = benchmark_script("base_robustness")
     seen = {}
     monkeypatch.setattr(rp, "_train", lambda root, stage, out, *extra, **kw: seen.update({out: extra}) or {})
     p = rp.get_preset("tiny", False, mc_form="content-letter", lookups=8, letter_epochs=6, replay_verification=True)
@@ -360,6 +356,43 @@ def test_replay_verification_trains_the_second_stage_on_the_first_stages_pope_an
     assert "with other settings" in capsys.readouterr().err
     assert main(["reproduce", "--quick", "--out", str(tmp_path / "x"), "--lookups", "1", "--replay-verification"]) == 2
     assert "--replay-verification needs --letter-epochs" in capsys.readouterr().err
+
+
+def test_base_robustness_scores_the_bases_reproduce_trained_instead_of_training_them_again(tmp_path, monkeypatch):
+    """A --seeds seed whose base the run trained (bases/sN, every stage done) is only scored; an
+    unfinished one, a one-thread one and a run with one base for every seed are trained."""
+    import htc_vlm.reproduce as rp
+
+    br = benchmark_script("base_robustness")
+    run = tmp_path / "run"
+    p = rp.get_preset("tiny", False, mc_form="content-letter", lookups=8, letter_epochs=6)
+    names = lambda s: [f"bases/s{s}/{n}" for n in ("align", "instruct-letter", "instruct")]  # noqa: E731
+    stages = {n: {"status": "done", "seconds": 10.0} for s in (1, 2) for n in names(s)}
+    stages |= {"scenes": {"status": "done"}, "vision": {"status": "done"}}
+    stages["bases/s2/instruct"] = {"status": "failed"}
+    record = {"preset": json.loads(json.dumps(rp.asdict(p))), "stages": stages}
+    assert br.run_base(run, record, 1) == (run / "bases/s1", 30.0)
+    assert br.run_base(run, record, 2) is None and br.run_base(run, record, 0) is None
+    one = json.loads(json.dumps(rp.asdict(rp.get_preset("tiny", False, base_per_seed=False))))
+    assert br.run_base(run, {"preset": one, "stages": {"align": {"status": "done", "seconds": 1.0}}}, 1) is None
+
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps(record))
+    trained, scored = [], []
+    monkeypatch.setattr(br, "_run", lambda cmd, log, threads: trained.append((log.parent.name, log.stem, threads)))
+    monkeypatch.setattr(br, "evaluate_families", lambda root, key, model, method, budget, fams, split, out:
+                        scored.append((model, split, out)) or {"scores": {f: 1.0 for f in fams}})
+    br.main([str(run), "--seeds", "1", "2", "--one-thread-seed", "1"])
+    assert trained == [(c, st, t) for c, t in (("seed2", None), ("seed1-1thread", 1))
+                       for st in ("align", "instruct-letter", "instruct")]
+    out = run / "robustness"
+    assert scored[:2] == [(run / "bases/s1/instruct/model", split, out / "seed1" / f"eval-{split}")
+                          for split in ("val", "test")]
+    assert [m for m, _, _ in scored[2:]] == [out / c / "instruct" / "model" for c in ("seed2", "seed2", "seed1-1thread",
+                                                                                      "seed1-1thread")]
+    rows = json.loads((out / "table.json").read_text())
+    assert [(r["seed"], r["threads"], r["train_seconds"]) for r in rows][0] == (1, "run's own", 30.0)
+    assert [r["threads"] for r in rows[1:]] == [os.cpu_count(), 1] and rows[0]["val_mc"] == 1.0
 
 
 def test_base_per_seed_gives_each_table1_seed_its_own_base_and_bounds(tmp_path, monkeypatch):
@@ -403,7 +436,7 @@ def test_base_per_seed_gives_each_table1_seed_its_own_base_and_bounds(tmp_path, 
     assert c_out == "runs/voco-b1-s2" and f"model.init={tmp_path / 'bases/s2/instruct/model'}" in c_extra
     assert main_out == "align"
     evaluated = []
-    monkeypatch.setattr(rp, "_evaluate", lambda root, key, model_dir, method, budget, fams, split="test":
+    monkeypatch.setattr(rp, "evaluate_families", lambda root, key, model_dir, method, budget, fams, split="test":
                         evaluated.append((key, model_dir, method)) or {})
     for name in ("eval/upper-s1", "eval/lower-s2", "eval/upper"):
         stages[name].run(tmp_path, per)

@@ -1,19 +1,15 @@
 """The MC records of benchmarks/text_curriculum.py (docs/LOG.md, session 13): each answer's letter
 names the option whose text it gives, and the letter form keeps LLaVA's bare letter."""
 
-import importlib.util
 import json
 import re
-from pathlib import Path
 
 import pytest
+from helpers import benchmark_script
 
 from htc_vlm.data.scenes import LETTERS, MC_SUFFIX, write_benchmark
 
-spec = importlib.util.spec_from_file_location("text_curriculum",
-                                              Path(__file__).parents[1] / "benchmarks" / "text_curriculum.py")
-text_curriculum = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(text_curriculum)
+text_curriculum = benchmark_script("text_curriculum")
 
 
 @pytest.fixture(scope="module")

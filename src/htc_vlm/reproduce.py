@@ -396,14 +396,17 @@ def _analysis_input(root: Path, key: str):
     return model, ImageEncoder(model, store, root=root / "scenes" / "images")
 
 
-def _evaluate(root: Path, key: str, model_dir: Path, method: str, budget: int | None, families,
-              split: str = "test") -> dict:
+def evaluate_families(root: Path, key: str, model_dir: Path, method: str, budget: int | None, families,
+                      split: str = "test", out: Path | None = None) -> dict:
+    """Score ``model_dir`` under ``method`` on each question family of the run's ``split``, one model load;
+    outputs in ``out`` (default: the run's ``eval/<key>``), one folder per family."""
     from transformers import AutoTokenizer
 
     from .data.scenes import read_jsonl
     from .evaluation.runner import accuracy_by, run_eval, scored_rows
     from .progress import report
 
+    out = out or root / "eval" / key
     model, store = _load(root, model_dir, method, budget)
     tok = AutoTokenizer.from_pretrained(model_dir)
     scores, by_tag = {}, {}
@@ -416,24 +419,24 @@ def _evaluate(root: Path, key: str, model_dir: Path, method: str, budget: int | 
             answered[0] += n
             report(answered[0], total, force=answered[0] >= total, family=family)
 
-        r = run_eval(model, tok, bench, qfile, root / "scenes" / "images", root / "eval" / key / family,
+        r = run_eval(model, tok, bench, qfile, root / "scenes" / "images", out / family,
                      method=method, features=store, model_name=str(model_dir), progress=progress)
         scores[family] = round(r["scores"][bench], 2)
         if family == "open":
-            acc = accuracy_by(root / "eval" / key / family / "predictions.jsonl", read_jsonl(qfile), lambda q: q["tag"])
+            acc = accuracy_by(out / family / "predictions.jsonl", read_jsonl(qfile), lambda q: q["tag"])
             by_tag = {tag: round(acc[tag], 2) for tag in ("semantic", "detail") if tag in acc}
     flags = f"--method {method}" + (f" --budget {budget}" if budget else "") + (" --features " + str(root / "features.safetensors") if store else "")
-    return {"outputs": str(root / "eval" / key), "model": str(model_dir), "scores": scores, "open_by_tag": by_tag,
+    return {"outputs": str(out), "model": str(model_dir), "scores": scores, "open_by_tag": by_tag,
             "split": split,
             "command": f"htc-vlm eval --model {model_dir} {flags} --benchmark <family's benchmark> --questions "
-                       f"{root / 'scenes' / split}/<family>.jsonl --images {root / 'scenes/images'} --out {root / 'eval' / key}/<family>"}
+                       f"{root / 'scenes' / split}/<family>.jsonl --images {root / 'scenes/images'} --out {out}/<family>"}
 
 
 def _eval_stage(key: str, model: Callable[[Path], Path], method: str, budget: int | None, families=None,
                 split: str = "test") -> Callable:
     def run(root: Path, preset: RunPreset) -> dict:
         fams = families(preset) if callable(families) else (families or tuple(FAMILY_BENCHMARKS))
-        return _evaluate(root, key, model(root), method, budget, fams, split)
+        return evaluate_families(root, key, model(root), method, budget, fams, split)
     return run
 
 

@@ -55,14 +55,18 @@ def plan(preset: dict) -> tuple[InstructStage, ...]:
     return instruct_stages(_preset(preset))
 
 
+def base_stages(record: dict, seed: int) -> list[str]:
+    """The run's stages of seed ``seed``'s base, align first (``reproduce.base_stage``)."""
+    p = _preset(record["preset"])
+    return [base_stage(p, seed, "align"), *(base_stage(p, seed, st.name) for st in plan(record["preset"]))]
+
+
 def run_base(run: Path, record: dict, seed: int) -> tuple[Path, float] | None:
     """The base ``reproduce --seeds`` trained for ``seed`` in the run folder, all cores, the same recipe
     (its folder and training seconds), once all its stages are done; else None."""
-    p = _preset(record["preset"])
-    names = [base_stage(p, seed, "align"), *(base_stage(p, seed, st.name) for st in plan(record["preset"]))]
-    if seed == p.seed or names[0] == "align":  # the run's own row, or a run with one base for every seed
+    names, stages = base_stages(record, seed), record["stages"]
+    if names[0] == "align":  # the run's own row (its preset seed), or a run with one base for every seed
         return None
-    stages = record["stages"]
     if any(stages.get(n, {}).get("status") != "done" for n in names):
         return None
     return run / Path(names[-1]).parent, sum(stages[n]["seconds"] for n in names)
@@ -176,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
                      **{f"{split}_{f}": got["scores"][f] for split, got in (("val", own_val), ("test", own_test))
                         for f in FAMILIES},
                      "train_seconds": sum(record["stages"][k]["seconds"]
-                                          for k in ("align", *(st.name for st in plan(record["preset"]))))})
+                                          for k in base_stages(record, record["preset"]["seed"]))})
     for seed, threads in configs:
         name = f"seed{seed}" + ("-1thread" if threads == 1 else "")
         reuse = None if threads else run_base(a.run, record, seed)

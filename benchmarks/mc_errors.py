@@ -12,10 +12,10 @@ the answer but fails the lookup scores high on the first and low on the second.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from htc_vlm.data.scenes import read_jsonl
 from htc_vlm.evaluation.scorers.mcq import LETTERS, extract, rotations
 
 
@@ -41,9 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("predictions", type=Path, help="an evaluation's mc/predictions.jsonl")
     ap.add_argument("questions", type=Path, help="the questions it answered (scenes/SPLIT/mc.jsonl)")
     a = ap.parse_args(argv)
-    preds = {p["question_id"]: p["prediction"] for p in map(json.loads, a.predictions.read_text().splitlines())}
-    qs = [json.loads(line) for line in a.questions.read_text().splitlines() if line.strip()]
-    r = split_errors(qs, preds)
+    preds = {p["question_id"]: p["prediction"] for p in read_jsonl(a.predictions)}
+    r = split_errors(read_jsonl(a.questions), preds)
     print(f"{r['n']} rotated answers: text right {r['text_right']:.1f}%, letter of its own text "
           f"{r['letter_of_own_text']:.1f}%, letter right {r['letter_right']:.1f}%")
 

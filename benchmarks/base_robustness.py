@@ -40,7 +40,8 @@ from rich.table import Table
 
 from htc_vlm.data.scenes import WITHOUT_LOOKUPS
 from htc_vlm.reproduce import FAMILY_BENCHMARKS as FAMILIES
-from htc_vlm.reproduce import InstructStage, RunPreset, base_stage, evaluate_families, instruct_stages
+from htc_vlm.reproduce import (InstructStage, RunPreset, align_conversations, base_stage, evaluate_families,
+                               instruct_stages)
 
 
 def _preset(preset: dict) -> RunPreset:
@@ -109,9 +110,10 @@ def configuration(run: Path, out: Path, seed: int, threads: int | None, preset: 
     else:
         base, sc = out, run / "scenes"
         common = [f"data.images={sc / 'images'}", f"data.tokenizer={sc / 'tokenizer'}", f"optim.seed={seed}"]
+        align = sc / "train" / align_conversations(_preset(preset))
         t0 = time.perf_counter()
         _run(["htc-vlm", "train", "--config", "tiny", "stage=align", f"output_dir={out / 'align'}",
-              f"model.vision_tower={run / 'vision' / 'model'}", f"data.conversations={sc / 'train' / 'captions.json'}",
+              f"model.vision_tower={run / 'vision' / 'model'}", f"data.conversations={align}",
               f"optim.num_train_epochs={preset['align_epochs']}", *common], out / "align.log", threads)
         for st in plan(preset):
             _run(["htc-vlm", "train", "--config", "tiny", "stage=instruct", f"output_dir={out / st.name}",

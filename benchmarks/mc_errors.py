@@ -4,7 +4,8 @@ With ``--mc-form content-letter`` a model answers an MC question with the option
 letter ("yellow D"); only the letter is scored (VLMEvalKit's matcher, circular over rotations). This
 splits each rotated answer of an evaluation into: the text is the right option's; the letter names the
 option the model's own text is (the lookup among the options); the letter is right. A model that knows
-the answer but fails the lookup scores high on the first and low on the second.
+the answer but fails the lookup scores high on the first and low on the second. The same split follows
+for each kind of question (colour, shape at a place, count, place of a shape).
 
     python benchmarks/mc_errors.py EVAL/mc/predictions.jsonl RUN/scenes/val/mc.jsonl
 """
@@ -36,15 +37,22 @@ def split_errors(questions: list[dict], predictions: dict[str, str]) -> dict:
             "letter_right": 100 * letter_ok / n, "n": n}
 
 
+def by_kind(questions: list[dict], predictions: dict[str, str]) -> dict[str, dict]:
+    """:func:`split_errors` for each kind of question (its ``template``: mc/color, mc/count, ...)."""
+    kinds = sorted({q.get("template", "?") for q in questions})
+    return {k: split_errors([q for q in questions if q.get("template", "?") == k], predictions) for k in kinds}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("predictions", type=Path, help="an evaluation's mc/predictions.jsonl")
     ap.add_argument("questions", type=Path, help="the questions it answered (scenes/SPLIT/mc.jsonl)")
     a = ap.parse_args(argv)
     preds = {p["question_id"]: p["prediction"] for p in read_jsonl(a.predictions)}
-    r = split_errors(read_jsonl(a.questions), preds)
-    print(f"{r['n']} rotated answers: text right {r['text_right']:.1f}%, letter of its own text "
-          f"{r['letter_of_own_text']:.1f}%, letter right {r['letter_right']:.1f}%")
+    questions = read_jsonl(a.questions)
+    for name, r in [("", split_errors(questions, preds))] + [(f"  {k}: ", r) for k, r in by_kind(questions, preds).items()]:
+        print(f"{name}{r['n']} rotated answers: text right {r['text_right']:.1f}%, letter of its own text "
+              f"{r['letter_of_own_text']:.1f}%, letter right {r['letter_right']:.1f}%")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ whether a model answers them from text alone.
     python benchmarks/text_curriculum.py stream [RUN_DIR] [--task mc|verification|lookup|mix] [--steps 1500] \
         [--hidden 128] [--layers 4]
     python benchmarks/text_curriculum.py mc-records RUN_DIR OUT.json [--form letter|content-letter]
+    python benchmarks/text_curriculum.py lookups RUN_DIR MODEL_DIR... [--n 400]
 
 ``make`` writes one record per scene of ``RUN_DIR/scenes/<split>/scenes.jsonl``, with no image: the
 scene's caption by shape, then one MC question of each kind and two MME pairs, as separate turns.
@@ -35,6 +36,11 @@ keeps LLaVA's answer, the letter alone; ``--form content-letter`` answers the op
 its letter ("green B"), which VLMEvalKit's matcher reads as B. Train on it from the run's instruct
 model with ``htc-vlm train --config tiny stage=instruct model.init=RUN/instruct/model
 data.conversations=OUT.json optim.num_train_epochs=2 ...`` (the other options as in RUN/report.md).
+
+``lookups`` asks each model one text-only lookup per validation scene (the records ``reproduce
+--text-lookups`` adds to align, in the run's MC answer form) with the answer fed in, and prints how
+often every answer token is the argmax, and how often the letter's token is (a model trained on bare
+letters since gets the text wrong but may still find the letter; session 22).
 """
 
 import argparse
@@ -52,7 +58,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 from htc_vlm import HTCForConditionalGeneration
 from htc_vlm.data.llava import IGNORE, PromptBuilder, get_template
 from htc_vlm.data.scenes import (IMAGE_TOKEN, LETTERS, MC_KINDS, MME_SUBTASKS, Scene, _mc_question, _mme_pair, lookup_prompt,
-                                 lookup_question, mc_answer, read_jsonl, sample_scene)
+                                 lookup_question, mc_answer, read_jsonl, sample_scene, text_lookup_records)
 from htc_vlm.data.tokenizer import save_tokenizer
 from htc_vlm.presets import build_config
 
@@ -119,6 +125,31 @@ def check(model_dir: Path, records: list[dict]) -> dict[str, tuple[int, int]]:
         right[kind][0] += predicted == answer.lower()
         right[kind][1] += 1
     return {k: (v[0], v[1]) for k, v in right.items()}
+
+
+@torch.no_grad()
+def lookups(run: Path, model_dir: Path, n: int = 400) -> tuple[int, int, int]:
+    """(answers right, letters right, asked): text-only lookups on ``n`` validation scenes
+    (data.scenes.text_lookup_records, in the run's MC answer form), the answer's tokens fed in. An answer
+    is right when every one of its tokens is the argmax, its letter when the letter's token is."""
+    model = HTCForConditionalGeneration.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    builder = PromptBuilder(tok, get_template(model.config.chat_template or "plain"), model.config)
+    form = json.loads((run / "scenes" / "meta.json").read_text())["mc_form"]
+    rng = random.Random("text-lookups-check")
+    right = letters = asked = 0
+    for row in read_jsonl(run / "scenes" / "val" / "scenes.jsonl")[:n]:
+        for rec in text_lookup_records(Scene.from_json(row), rng, 1, form):
+            ids, labels = builder.conversation(rec["conversations"], False, rec["id"])
+            predicted = model(input_ids=torch.tensor([ids])).logits[0, :-1].argmax(-1)
+            target = torch.tensor(labels[1:])
+            keep = target != IGNORE
+            letter = int(tok.convert_tokens_to_ids(rec["conversations"][1]["value"].rsplit(" ", 1)[-1]))
+            at = int(torch.nonzero(target == letter)[-1])  # the answer's last token of that id: its letter
+            right += bool((predicted[keep] == target[keep]).all())
+            letters += int(predicted[at]) == letter
+            asked += 1
+    return right, letters, asked
 
 
 def _stream_batch(tok, rng: random.Random, task: str, n: int):
@@ -197,6 +228,10 @@ if __name__ == "__main__":
     st.add_argument("--seed", type=int, default=0)
     st.add_argument("--hidden", type=int, help="width of the language model (default: the tiny preset's, 128)")
     st.add_argument("--layers", type=int, help="its depth (default: the tiny preset's, 4)")
+    lk = sub.add_parser("lookups")
+    lk.add_argument("run", type=Path)
+    lk.add_argument("models", type=Path, nargs="+")
+    lk.add_argument("--n", type=int, default=400)
     mr = sub.add_parser("mc-records")
     mr.add_argument("run", type=Path)
     mr.add_argument("out", type=Path)
@@ -204,6 +239,11 @@ if __name__ == "__main__":
     a = ap.parse_args()
     if a.command == "stream":
         stream(a.run, a.task, a.steps, a.lr, a.seed, a.hidden, a.layers)
+    elif a.command == "lookups":
+        for m in a.models:
+            right, letters, asked = lookups(a.run, m, a.n)
+            print(f"{m}: text-only lookups of {asked}: answer right {right} ({100 * right / asked:.1f}%), "
+                  f"letter right {letters} ({100 * letters / asked:.1f}%; chance 25%)")
     elif a.command == "mc-records":
         recs = mc_records(a.run, a.form)
         a.out.write_text(json.dumps(recs))

@@ -220,3 +220,9 @@ def test_mc_errors_tells_a_wrong_text_from_a_wrong_lookup():
     # wrong text with its own letter; a right letter with no text
     preds = {"q@r0": "green C", "q@r1": "green C", "q@r2": "red C", "q@r3": "D"}
     assert split_errors([q], preds) == {"text_right": 50.0, "letter_of_own_text": 50.0, "letter_right": 50.0, "n": 4}
+    # by kind: each template's questions alone
+    count = {"question_id": "c", "options": ["1", "2", "3", "4"], "answer": "B", "template": "mc/count"}
+    preds |= {f"c@r{i}": f"2 {'BADC'[i]}" for i in range(4)}  # "2" sits at B, A, D, C
+    kinds = benchmark_script("mc_errors").by_kind([q | {"template": "mc/color"}, count], preds)
+    assert kinds == {"mc/color": split_errors([q], preds),
+                     "mc/count": {"text_right": 100.0, "letter_of_own_text": 100.0, "letter_right": 100.0, "n": 4}}

@@ -256,6 +256,14 @@ def test_a_compression_stage_asks_for_a_converged_run(tmp_path, monkeypatch):
             f"data.val_conversations={sc / 'val' / WITHOUT_LOOKUPS}"} <= set(seen["extra"])
     rp._stage_instruct(0)(tmp_path, p)
     assert f"data.conversations={sc / 'train' / 'conversations.json'}" in seen["extra"]
+    # align trains on the captions, and with --text-lookups on the text-only lookups after them too
+    from htc_vlm.data.scenes import ALIGN_LOOKUPS
+
+    for text_lookups, file in ((0, "captions.json"), (4, ALIGN_LOOKUPS)):
+        for s in (0, 1):
+            rp._stage_align(s)(tmp_path, rp.get_preset("tiny", False, text_lookups=text_lookups))
+            assert seen["stage"] == "align" and seen["out"] == ("align" if s == 0 else "bases/s1/align")
+            assert f"data.conversations={sc / 'train' / file}" in seen["extra"]
 
 
 def test_instruct_epochs_reach_every_base_and_belong_to_the_run_folder(tmp_path, monkeypatch, capsys):
@@ -552,15 +560,17 @@ def test_the_provenance_commands_of_the_first_stages_reproduce_their_outputs(tmp
 
     out = tmp_path / "run"
     assert main(["reproduce", "--quick", "--out", str(out), "--only", "scenes", "--only", "tokenizer",
-                 "--only", "features", "--mc-form", "content-letter", "--lookups", "2", "--mme-pairs", "3"]) == 0
+                 "--only", "features", "--mc-form", "content-letter", "--lookups", "2", "--mme-pairs", "3",
+                 "--text-lookups", "2"]) == 0
     meta = json.loads((out / "scenes" / "meta.json").read_text())
     assert (meta["mc_form"], meta["mme_pairs"]) == ("content-letter", 3)
     assert main(["reproduce", "--quick", "--out", str(out), "--only", "scenes"]) == 2  # the default form
     assert main(["reproduce", "--quick", "--out", str(tmp_path / "x"), "--mc-form", "words"]) == 2
     assert main(["reproduce", "--quick", "--out", str(tmp_path / "x"), "--lookups", "33"]) == 2
+    assert main(["reproduce", "--quick", "--out", str(tmp_path / "x"), "--text-lookups", "-1"]) == 2
     assert main(["reproduce", "--quick", "--out", str(tmp_path / "x"), "--mme-pairs", "7"]) == 2
     stages = json.loads((out / "run.json").read_text())["stages"]
-    assert "--mme-pairs 3 --mc-form content-letter --lookups 2" in stages["scenes"]["command"]
+    assert "--mme-pairs 3 --mc-form content-letter --lookups 2 --text-lookups 2" in stages["scenes"]["command"]
     again = tmp_path / "again"
     for name in ("scenes", "tokenizer", "features"):
         args = shlex.split(stages[name]["command"].replace(str(out), str(again)))

@@ -1,6 +1,7 @@
 import hashlib
 import json
 from collections import Counter, defaultdict
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -249,6 +250,34 @@ def test_with_lookups_the_scenes_also_write_their_conversations_without_them(tmp
         assert rest == [r for r in full if "lookup" not in r] and len(rest) == len(full) - 2 * n
     assert main(["data", "scenes", "--out", str(tmp_path / "b"), "--train", "3", "--val", "2", "--test", "2"]) == 0
     assert not list((tmp_path / "b").rglob(S.WITHOUT_LOOKUPS))
+
+
+def test_text_lookups_follow_the_captions_in_a_file_of_their_own(tmp_path):
+    """--text-lookups N: train/captions-lookups.json is captions.json, record for record, then N
+    text-only lookups per training scene (no image, the stem is the answer's text, the answer in the
+    run's MC form); every other file keeps its bytes, and without it there is no such file."""
+    args = ["--train", "5", "--val", "2", "--test", "2", "--mc-form", "content-letter", "--lookups", "1"]
+    assert main(["data", "scenes", "--out", str(tmp_path / "a"), *args]) == 0
+    assert main(["data", "scenes", "--out", str(tmp_path / "b"), *args, "--text-lookups", "3"]) == 0
+    assert not list((tmp_path / "a").rglob(S.ALIGN_LOOKUPS))
+    a, b = tmp_path / "a", tmp_path / "b"
+    files = sorted(f.relative_to(a) for f in a.rglob("*") if f.is_file())
+    assert sorted(f.relative_to(b) for f in b.rglob("*") if f.is_file()) == sorted(files + [Path("train") / S.ALIGN_LOOKUPS])
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files if f.name != "meta.json")
+    assert json.loads((b / "meta.json").read_text())["text_lookups"] == 3
+    captions = json.loads((a / "train" / "captions.json").read_text())
+    both = json.loads((b / "train" / S.ALIGN_LOOKUPS).read_text())
+    assert both[:len(captions)] == captions and len(both) == len(captions) + 5 * 3
+    scenes = {r["id"]: S.Scene.from_json(r) for r in S.read_jsonl(b / "train" / "scenes.jsonl")}
+    for r in both[len(captions):]:
+        assert "image" not in r and S.IMAGE_TOKEN not in r["conversations"][0]["value"]
+        q, answer = r["conversations"][0]["value"], r["conversations"][1]["value"]
+        text, letter = answer.rsplit(" ", 1)
+        options = dict(line.split(". ", 1) for line in q.split("\n")[1:-1])
+        assert q.split("\n")[0] == text == options[letter] and q.endswith(S.MC_SUFFIX)
+        assert r["id"].split("-text-lookup-")[0] in scenes
+    assert main(["data", "scenes", "--out", str(tmp_path / "c"), "--train", "3", "--test", "2",
+                 "--text-lookups", "33"]) == 2 and not (tmp_path / "c").exists()
 
 
 def test_another_mc_form_also_writes_the_default_training_conversations(tmp_path):

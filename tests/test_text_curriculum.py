@@ -44,3 +44,43 @@ def test_other_records_are_untouched(run):
     base = json.loads((run / "scenes" / "train" / "conversations.json").read_text())
     recs = text_curriculum.mc_records(run, "content-letter")
     assert [r for r in recs[:len(base)] if not _mc([r])] == [r for r in base if not _mc([r])]
+
+
+def test_the_lookup_check_scores_the_answer_and_its_letter_apart(tmp_path, monkeypatch):
+    """``lookups`` counts an answer right only when each of its tokens is the argmax, and its letter
+    by the letter's token alone: a model that copies every next token scores all, one that names
+    another letter none, and one that gets the option's text wrong but the letter right only letters."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from htc_vlm.data.tokenizer import save_tokenizer
+    from htc_vlm.presets import build_config
+
+    (tmp_path / "scenes").mkdir()
+    write_benchmark(tmp_path / "scenes", n_train=2, n_test=2, seed=0, image_size=48, n_val=5, mc_form="content-letter")
+    tok = save_tokenizer(tmp_path / "tokenizer")
+    letter_ids = {tok.convert_tokens_to_ids(x) for x in LETTERS[:4]}
+    other = {i: tok.convert_tokens_to_ids(LETTERS[(LETTERS.index(tok.convert_ids_to_tokens(i)) + 1) % 4]) for i in letter_ids}
+
+    class Oracle:  # predicts the next token of the fed-in conversation, changed by ``how``
+        def __init__(self, how):
+            self.how, self.config = how, build_config("tiny", tok)
+
+        def eval(self):
+            return self
+
+        def __call__(self, input_ids):  # (1, L) -> logits (1, L, V)
+            guess = [self.how(t) for t in input_ids[0, 1:].tolist()]
+            logits = torch.zeros(1, len(guess) + 1, len(tok))
+            logits[0, torch.arange(len(guess)), torch.tensor(guess)] = 1.0
+            return SimpleNamespace(logits=logits)
+
+    def check(how):
+        monkeypatch.setattr(text_curriculum.HTCForConditionalGeneration, "from_pretrained", lambda d: Oracle(how))
+        monkeypatch.setattr(text_curriculum.AutoTokenizer, "from_pretrained", lambda d: tok)
+        return text_curriculum.lookups(tmp_path, tmp_path / "model", n=5)
+
+    assert check(lambda t: t) == (5, 5, 5)
+    assert check(lambda t: other.get(t, t)) == (0, 0, 5)
+    assert check(lambda t: t if t in letter_ids else (t + 1) % len(tok)) == (0, 5, 5)

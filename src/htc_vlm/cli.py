@@ -38,6 +38,8 @@ def data_scenes(
                                          "'content-letter' (the option's text, then its letter).")] = "letter",
     lookups: Annotated[int, typer.Option(help="Lookup questions per training and validation image: MC options "
                                          "with the answer's text as the question (0-32).")] = 0,
+    text_lookups: Annotated[int, typer.Option(help="Text-only lookup questions per training scene, after the "
+                                              "captions in train/captions-lookups.json (0-32).")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
 ) -> None:
     """Write the scene benchmark: images, LLaVA training files, per-family test questions, tokenizer."""
@@ -48,7 +50,8 @@ def data_scenes(
     with atomic_dir(out, overwrite) as tmp, progress_bar() as bar:
         task = bar.add_task("rendering scenes", total=train + val + test)
         meta = write_benchmark(tmp, train, test, seed, size, progress=lambda: bar.advance(task), n_val=val,
-                               mme_pairs=mme_pairs, mc_questions=mc_questions, mc_form=mc_form, lookups=lookups)
+                               mme_pairs=mme_pairs, mc_questions=mc_questions, mc_form=mc_form, lookups=lookups,
+                               text_lookups=text_lookups)
         save_tokenizer(tmp / "tokenizer")
     console.print(f"wrote {train} train, {val} val and {test} test scenes to {out}: " +
                   ", ".join(f"{k} {v}" for k, v in meta["questions"].items()))
@@ -470,6 +473,9 @@ def reproduce(
         "also trains on the first one's POPE and MME questions again (default: the preset's, off).")] = None,
     mme_pairs: Annotated[int | None, typer.Option(help="MME yes/no pairs per training image, of distinct sub-tasks "
                                                        "(1-6; default: the preset's, 1).")] = None,
+    text_lookups: Annotated[int | None, typer.Option(help="Text-only lookup questions per training image that every "
+        "base's align stage also trains on, so its language model learns to find an option's letter from its text "
+        "(0-32; default: the preset's, 0).")] = None,
 ) -> None:
     """Run the paper's pipeline on the embedded default, stage by stage, resuming where it stopped."""
     from .reproduce import default_jobs, run
@@ -477,7 +483,7 @@ def reproduce(
     run(out, preset=preset, quick=quick, only=only, console=console, seeds=seeds,
         jobs=default_jobs() if jobs is None else jobs, base_per_seed=base_per_seed, mc_form=mc_form,
         lookups=lookups, instruct_epochs=instruct_epochs, mme_pairs=mme_pairs, letter_epochs=letter_epochs,
-        replay_verification=replay_verification)
+        replay_verification=replay_verification, text_lookups=text_lookups)
 
 
 def main(argv: list[str] | None = None) -> int:

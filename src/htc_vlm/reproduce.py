@@ -86,6 +86,9 @@ class RunPreset:
     # language model never learns: MC circular accuracy 0) or "content-letter" (docs/LOG.md, session 14).
     mc_form: str = "letter"
     lookups: int = 0  # lookup questions per training and validation image (data.scenes.lookup_question)
+    # > 0: align also trains on that many text-only lookups per training image (data.scenes.ALIGN_LOOKUPS), so
+    # that the language model learns the lookup MC answers need before the instruct stages (LOG.md, session 22)
+    text_lookups: int = 0
     mme_pairs: int = 1  # MME yes/no pairs per training image, of distinct sub-tasks (data.scenes.train_conversations)
     seed: int = 0
 
@@ -107,7 +110,8 @@ EXTENSIBLE = ("seeds",)
 def get_preset(name: str, quick: bool, seeds: int | None = None, base_per_seed: bool | None = None,
                mc_form: str | None = None, lookups: int | None = None,
                instruct_epochs: float | None = None, mme_pairs: int | None = None,
-               letter_epochs: float | None = None, replay_verification: bool | None = None) -> RunPreset:
+               letter_epochs: float | None = None, replay_verification: bool | None = None,
+               text_lookups: int | None = None) -> RunPreset:
     key = f"{name}-quick" if quick else name
     if key not in PRESETS:
         raise HTCError(f"unknown preset {name!r}{' with --quick' if quick else ''}; known: "
@@ -119,11 +123,12 @@ def get_preset(name: str, quick: bool, seeds: int | None = None, base_per_seed: 
         p = replace(p, seeds=tuple(range(seeds)))
     if base_per_seed is not None:
         p = replace(p, base_per_seed=base_per_seed)
-    if mc_form is not None or lookups is not None:
+    if mc_form is not None or lookups is not None or text_lookups is not None:
         from .data.scenes import check_mc_options
 
-        p = replace(p, mc_form=p.mc_form if mc_form is None else mc_form, lookups=p.lookups if lookups is None else lookups)
-        check_mc_options(p.mc_form, p.lookups)
+        p = replace(p, mc_form=p.mc_form if mc_form is None else mc_form, lookups=p.lookups if lookups is None else lookups,
+                    text_lookups=p.text_lookups if text_lookups is None else text_lookups)
+        check_mc_options(p.mc_form, p.lookups, p.text_lookups)
     if instruct_epochs is not None:
         if not instruct_epochs > 0:
             raise HTCError(f"--instruct-epochs must be positive, got {instruct_epochs}")
@@ -240,13 +245,14 @@ def _stage_scenes(root: Path, preset: RunPreset) -> dict:
     with atomic_dir(root / "scenes", overwrite=True) as tmp:
         meta = write_benchmark(tmp, preset.train_scenes, preset.test_scenes, preset.seed, preset.image_size,
                                n_val=preset.val_scenes, mme_pairs=preset.mme_pairs, mc_form=preset.mc_form,
-                               lookups=preset.lookups)
+                               lookups=preset.lookups, text_lookups=preset.text_lookups)
         save_tokenizer(tmp / "tokenizer")
     cmd = (f"htc-vlm data scenes --out {root / 'scenes'} --train {preset.train_scenes} --val {preset.val_scenes} "
            f"--test {preset.test_scenes} --seed {preset.seed} --size {preset.image_size}"
            + (f" --mme-pairs {preset.mme_pairs}" if preset.mme_pairs != 1 else "")
            + (f" --mc-form {preset.mc_form}" if preset.mc_form != "letter" else "")
-           + (f" --lookups {preset.lookups}" if preset.lookups else ""))
+           + (f" --lookups {preset.lookups}" if preset.lookups else "")
+           + (f" --text-lookups {preset.text_lookups}" if preset.text_lookups else ""))
     return {"outputs": str(root / "scenes"), "command": cmd, "questions": meta["questions"]}
 
 
@@ -298,13 +304,21 @@ def _stage_features(root: Path, preset: RunPreset) -> dict:
                        f"--out {root / 'features.safetensors'}"}
 
 
+def align_conversations(p: RunPreset) -> str:
+    """The align stage's training conversations, in scenes/train: the captions, and with ``text_lookups``
+    the text-only lookups after them. benchmarks/base_robustness.py trains on the same."""
+    from .data.scenes import ALIGN_LOOKUPS
+
+    return ALIGN_LOOKUPS if p.text_lookups else "captions.json"
+
+
 def _stage_align(seed: int | None = None) -> Callable:
     def run(root: Path, preset: RunPreset) -> dict:
         s = preset.seed if seed is None else seed
         out = base_dir(root, preset, s).relative_to(root) / "align"
         return _train(root, "align", str(out), f"optim.num_train_epochs={preset.align_epochs}",
                       f"optim.seed={s}", f"model.vision_tower={root / 'vision' / 'model'}",
-                      f"data.conversations={root / 'scenes' / 'train' / 'captions.json'}")
+                      f"data.conversations={root / 'scenes' / 'train' / align_conversations(preset)}")
     return run
 
 
@@ -598,13 +612,14 @@ def default_jobs() -> int:
 def run(out: Path, preset: str = "tiny", quick: bool = False, only: list[str] | None = None, console=None,
         seeds: int | None = None, jobs: int = 1, base_per_seed: bool | None = None, mc_form: str | None = None,
         lookups: int | None = None, instruct_epochs: float | None = None, mme_pairs: int | None = None,
-        letter_epochs: float | None = None, replay_verification: bool | None = None) -> dict:
+        letter_epochs: float | None = None, replay_verification: bool | None = None,
+        text_lookups: int | None = None) -> dict:
     """Run (or resume) every stage of ``preset`` into ``out``; return the run record. ``seeds`` trains
     Table 1 with seeds 0..seeds-1 (default: the preset's); it may grow on an existing run. ``jobs``
     pooled stages (training and evaluating the compression runs) run at once in worker processes,
     each on cores // jobs threads; the base model's stages run one at a time on every core."""
     p = get_preset(preset, quick, seeds, base_per_seed, mc_form, lookups, instruct_epochs, mme_pairs, letter_epochs,
-                   replay_verification)
+                   replay_verification, text_lookups)
     if jobs < 1:
         raise HTCError(f"--jobs must be at least 1, got {jobs}")
     todo = stages(p)

@@ -393,11 +393,12 @@ def check_question_counts(mme_pairs: int, mc_questions: int = 1) -> None:
         raise HTCError(f"expected --mc-questions 1-{len(MC_KINDS)} (one per MC kind), got {mc_questions}")
 
 
-def check_mc_options(mc_form: str, lookups: int) -> None:
+def check_mc_options(mc_form: str, lookups: int, text_lookups: int = 0) -> None:
     """One clear error for an unknown MC answer form or a lookup count out of range."""
     mc_answer("A", "red", mc_form)
-    if not 0 <= lookups <= MAX_LOOKUPS:
-        raise HTCError(f"--lookups must be 0-{MAX_LOOKUPS}, got {lookups}")
+    for flag, n in (("--lookups", lookups), ("--text-lookups", text_lookups)):
+        if not 0 <= n <= MAX_LOOKUPS:
+            raise HTCError(f"{flag} must be 0-{MAX_LOOKUPS}, got {n}")
 
 
 LOOKUP_TEMPLATE = "mc/lookup"
@@ -414,6 +415,11 @@ LETTER_FORM = "conversations-letter.json"
 # verification the first one learnt while it learns the MC options (reproduce --replay-verification;
 # docs/LOG.md, session 20).
 REPLAY_FORM = "conversations-replay.json"
+# Beside captions.json with --text-lookups: its captions, then text-only lookup records (no image), for an
+# align stage that also teaches the from-scratch language model to find the letter of a given option text
+# before any instruct stage needs it, as a pretrained LLM would already know (reproduce --text-lookups;
+# docs/LOG.md, session 22).
+ALIGN_LOOKUPS = "captions-lookups.json"
 
 
 def is_verification(record: dict) -> bool:
@@ -436,6 +442,15 @@ def lookup_question(scene: Scene, rng: random.Random) -> dict:
     """A :func:`lookup_prompt` question on an MC question of a random kind."""
     q = _mc_question(scene, rng, rng.choice(MC_KINDS))
     return q | {"template": LOOKUP_TEMPLATE, "text": lookup_prompt(q)}
+
+
+def text_lookup_records(scene: Scene, rng: random.Random, n: int, mc_form: str = "letter") -> list[dict]:
+    """``n`` :func:`lookup_question` records on ``scene``'s objects without its image: the answer is in
+    the text, so the language model can learn the lookup alone."""
+    qs = [lookup_question(scene, rng) for _ in range(n)]
+    return [{"id": f"{scene.id}-text-lookup-{j:02d}", "conversations": [
+        {"from": "human", "value": q["text"]}, {"from": "gpt", "value": mc_answer(q["answer"], q["answer_text"], mc_form)}]}
+        for j, q in enumerate(qs)]
 
 
 def train_conversations(scene: Scene, rng: random.Random, popularity: list[str], mme_pairs: int = 1,
@@ -494,7 +509,7 @@ def png_bytes(img: Image.Image) -> bytes:
 
 def write_benchmark(out: Path, n_train: int, n_test: int, seed: int, image_size: int, progress=None,
                     n_val: int = 200, mme_pairs: int = 1, mc_questions: int = 1, mc_form: str = "letter",
-                    lookups: int = 0) -> dict:
+                    lookups: int = 0, text_lookups: int = 0) -> dict:
     """Write the benchmark into ``out`` (which must exist and be empty). Returns ``meta``.
 
     Layout::
@@ -510,6 +525,8 @@ def write_benchmark(out: Path, n_train: int, n_test: int, seed: int, image_size:
                                         records again (a second stage that rehearses them)
         {train,val}/conversations-without-lookups.json
                                         with --lookups: the same records less the lookups (compression runs)
+        train/captions-lookups.json     with --text-lookups: captions.json, then that many text-only lookup
+                                        records per scene (an align stage that also teaches the lookup)
         val/scenes.jsonl, val/conversations.json, val/{family}.jsonl
                                         the validation split: every recipe choice is made here
         test/scenes.jsonl
@@ -522,7 +539,7 @@ def write_benchmark(out: Path, n_train: int, n_test: int, seed: int, image_size:
     if image_size < 24:
         raise HTCError(f"--size must be at least 24 pixels, got {image_size}")
     check_question_counts(mme_pairs, mc_questions)
-    check_mc_options(mc_form, lookups)  # before any image is written
+    check_mc_options(mc_form, lookups, text_lookups)  # before any image is written
     (out / "images").mkdir()
     splits = {"train": sample_scenes("train", n_train, seed, image_size),
               "val": sample_scenes("val", n_val, seed, image_size),
@@ -550,7 +567,12 @@ def write_benchmark(out: Path, n_train: int, n_test: int, seed: int, image_size:
         letter = conversations("train", "letter", 0)
         _write_json(out / "train" / LETTER_FORM, letter)
         _write_json(out / "train" / REPLAY_FORM, replay_records(own["train"], letter))
-    _write_json(out / "train" / "captions.json", [r for s in splits["train"] for r in caption_records(s)])
+    captions = [r for s in splits["train"] for r in caption_records(s)]
+    _write_json(out / "train" / "captions.json", captions)
+    if text_lookups:  # a stream of their own, so that the other files keep their bytes
+        rng = random.Random(f"htc-vlm-text-lookups/{seed}")
+        _write_json(out / "train" / ALIGN_LOOKUPS,
+                    captions + [r for s in splits["train"] for r in text_lookup_records(s, rng, text_lookups, mc_form)])
     counts: dict[str, dict[str, int]] = {}
     for split, offset in (("val", 1), ("test", 0)):
         counts[split] = {}
@@ -559,6 +581,7 @@ def write_benchmark(out: Path, n_train: int, n_test: int, seed: int, image_size:
             counts[split][fam] = len(qs)
     meta = {"format_version": FORMAT_VERSION, "seed": seed, "image_size": image_size, "mme_pairs": mme_pairs,
             "mc_questions": mc_questions, "mc_form": mc_form, "lookups": lookups,
+            **({"text_lookups": text_lookups} if text_lookups else {}),
             "train": n_train, "val": n_val, "test": n_test, "questions": counts["test"],
             "val_questions": counts["val"]}
     _write_json(out / "meta.json", meta)

@@ -267,8 +267,8 @@ def test_a_compression_stage_asks_for_a_converged_run(tmp_path, monkeypatch):
 
 
 def test_instruct_epochs_reach_every_base_and_belong_to_the_run_folder(tmp_path, monkeypatch, capsys):
-    """--instruct-epochs is passed to the instruct stage of every base (no training: _train is
-    replaced), is part of the folder's preset, and must be positive."""
+    """--instruct-epochs is passed to the instruct stage of every base and --align-epochs to its align
+    stage (no training: _train is replaced); each is part of the folder's preset and must be positive."""
     import htc_vlm.reproduce as rp
 
     seen = []
@@ -285,6 +285,19 @@ def test_instruct_epochs_reach_every_base_and_belong_to_the_run_folder(tmp_path,
     assert main(["reproduce", "--quick", "--out", str(out), "--only", "scenes"]) == 2  # another preset
     assert main(["reproduce", "--quick", "--out", str(tmp_path / "x"), "--instruct-epochs", "0"]) == 2
     assert "--instruct-epochs must be positive" in capsys.readouterr().err
+    # --align-epochs likewise, for every base's align stage
+    seen.clear()
+    p = rp.get_preset("tiny", False, align_epochs=24)
+    for s in p.seeds:
+        rp._stage_align(s)(tmp_path, p)
+    assert [out for out, _ in seen] == ["align", "bases/s1/align", "bases/s2/align"]
+    assert all("optim.num_train_epochs=24" in extra for _, extra in seen)
+    assert rp.get_preset("tiny", False).align_epochs == 8
+    assert main(["reproduce", "--quick", "--out", str(tmp_path / "y"), "--only", "scenes", "--align-epochs", "3"]) == 0
+    assert json.loads((tmp_path / "y" / "run.json").read_text())["preset"]["align_epochs"] == 3
+    assert main(["reproduce", "--quick", "--out", str(tmp_path / "y"), "--only", "scenes"]) == 2  # another preset
+    assert main(["reproduce", "--quick", "--out", str(tmp_path / "x"), "--align-epochs", "-1"]) == 2
+    assert "--align-epochs must be positive" in capsys.readouterr().err
 
 
 def test_letter_epochs_give_every_base_a_first_instruct_stage_on_letter_answers(tmp_path, monkeypatch, capsys):

@@ -473,6 +473,8 @@ def reproduce(
         "also trains on the first one's POPE and MME questions again (default: the preset's, off).")] = None,
     mme_pairs: Annotated[int | None, typer.Option(help="MME yes/no pairs per training image, of distinct sub-tasks "
                                                        "(1-6; default: the preset's, 1).")] = None,
+    align_epochs: Annotated[float | None, typer.Option(help="Epochs of every base's align stage (default: the "
+                                                            "preset's; tiny: 8).")] = None,
     text_lookups: Annotated[int | None, typer.Option(help="Text-only lookup questions per training image that every "
         "base's align stage also trains on, so its language model learns to find an option's letter from its text "
         "(0-32; default: the preset's, 0).")] = None,
@@ -483,7 +485,7 @@ def reproduce(
     run(out, preset=preset, quick=quick, only=only, console=console, seeds=seeds,
         jobs=default_jobs() if jobs is None else jobs, base_per_seed=base_per_seed, mc_form=mc_form,
         lookups=lookups, instruct_epochs=instruct_epochs, mme_pairs=mme_pairs, letter_epochs=letter_epochs,
-        replay_verification=replay_verification, text_lookups=text_lookups)
+        replay_verification=replay_verification, text_lookups=text_lookups, align_epochs=align_epochs)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -111,7 +111,7 @@ def get_preset(name: str, quick: bool, seeds: int | None = None, base_per_seed: 
                mc_form: str | None = None, lookups: int | None = None,
                instruct_epochs: float | None = None, mme_pairs: int | None = None,
                letter_epochs: float | None = None, replay_verification: bool | None = None,
-               text_lookups: int | None = None) -> RunPreset:
+               text_lookups: int | None = None, align_epochs: float | None = None) -> RunPreset:
     key = f"{name}-quick" if quick else name
     if key not in PRESETS:
         raise HTCError(f"unknown preset {name!r}{' with --quick' if quick else ''}; known: "
@@ -129,6 +129,10 @@ def get_preset(name: str, quick: bool, seeds: int | None = None, base_per_seed: 
         p = replace(p, mc_form=p.mc_form if mc_form is None else mc_form, lookups=p.lookups if lookups is None else lookups,
                     text_lookups=p.text_lookups if text_lookups is None else text_lookups)
         check_mc_options(p.mc_form, p.lookups, p.text_lookups)
+    if align_epochs is not None:
+        if not align_epochs > 0:
+            raise HTCError(f"--align-epochs must be positive, got {align_epochs}")
+        p = replace(p, align_epochs=align_epochs)
     if instruct_epochs is not None:
         if not instruct_epochs > 0:
             raise HTCError(f"--instruct-epochs must be positive, got {instruct_epochs}")
@@ -613,13 +617,13 @@ def run(out: Path, preset: str = "tiny", quick: bool = False, only: list[str] | 
         seeds: int | None = None, jobs: int = 1, base_per_seed: bool | None = None, mc_form: str | None = None,
         lookups: int | None = None, instruct_epochs: float | None = None, mme_pairs: int | None = None,
         letter_epochs: float | None = None, replay_verification: bool | None = None,
-        text_lookups: int | None = None) -> dict:
+        text_lookups: int | None = None, align_epochs: float | None = None) -> dict:
     """Run (or resume) every stage of ``preset`` into ``out``; return the run record. ``seeds`` trains
     Table 1 with seeds 0..seeds-1 (default: the preset's); it may grow on an existing run. ``jobs``
     pooled stages (training and evaluating the compression runs) run at once in worker processes,
     each on cores // jobs threads; the base model's stages run one at a time on every core."""
     p = get_preset(preset, quick, seeds, base_per_seed, mc_form, lookups, instruct_epochs, mme_pairs, letter_epochs,
-                   replay_verification, text_lookups)
+                   replay_verification, text_lookups, align_epochs)
     if jobs < 1:
         raise HTCError(f"--jobs must be at least 1, got {jobs}")
     todo = stages(p)

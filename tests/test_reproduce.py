@@ -273,31 +273,20 @@ def test_instruct_epochs_reach_every_base_and_belong_to_the_run_folder(tmp_path,
 
     seen = []
     monkeypatch.setattr(rp, "_train", lambda root, stage, out, *extra, **kw: seen.append((out, extra)) or {})
-    p = rp.get_preset("tiny", False, instruct_epochs=12)
-    for s in p.seeds:
-        rp._stage_instruct(s)(tmp_path, p)
-    assert [out for out, _ in seen] == ["instruct", "bases/s1/instruct", "bases/s2/instruct"]
-    assert all("optim.num_train_epochs=12" in extra for _, extra in seen)
-    assert rp.get_preset("tiny", False).instruct_epochs == 6
-    out = tmp_path / "run"
-    assert main(["reproduce", "--quick", "--out", str(out), "--only", "scenes", "--instruct-epochs", "2"]) == 0
-    assert json.loads((out / "run.json").read_text())["preset"]["instruct_epochs"] == 2
-    assert main(["reproduce", "--quick", "--out", str(out), "--only", "scenes"]) == 2  # another preset
-    assert main(["reproduce", "--quick", "--out", str(tmp_path / "x"), "--instruct-epochs", "0"]) == 2
-    assert "--instruct-epochs must be positive" in capsys.readouterr().err
-    # --align-epochs likewise, for every base's align stage
-    seen.clear()
-    p = rp.get_preset("tiny", False, align_epochs=24)
-    for s in p.seeds:
-        rp._stage_align(s)(tmp_path, p)
-    assert [out for out, _ in seen] == ["align", "bases/s1/align", "bases/s2/align"]
-    assert all("optim.num_train_epochs=24" in extra for _, extra in seen)
-    assert rp.get_preset("tiny", False).align_epochs == 8
-    assert main(["reproduce", "--quick", "--out", str(tmp_path / "y"), "--only", "scenes", "--align-epochs", "3"]) == 0
-    assert json.loads((tmp_path / "y" / "run.json").read_text())["preset"]["align_epochs"] == 3
-    assert main(["reproduce", "--quick", "--out", str(tmp_path / "y"), "--only", "scenes"]) == 2  # another preset
-    assert main(["reproduce", "--quick", "--out", str(tmp_path / "x"), "--align-epochs", "-1"]) == 2
-    assert "--align-epochs must be positive" in capsys.readouterr().err
+    for stage, run_stage, default in (("instruct", rp._stage_instruct, 6), ("align", rp._stage_align, 8)):
+        seen.clear()
+        p = rp.get_preset("tiny", False, **{f"{stage}_epochs": 12})
+        for s in p.seeds:
+            run_stage(s)(tmp_path, p)
+        assert [out for out, _ in seen] == [stage, f"bases/s1/{stage}", f"bases/s2/{stage}"]
+        assert all("optim.num_train_epochs=12" in extra for _, extra in seen)
+        assert getattr(rp.get_preset("tiny", False), f"{stage}_epochs") == default
+        out, flag = tmp_path / stage, f"--{stage}-epochs"
+        assert main(["reproduce", "--quick", "--out", str(out), "--only", "scenes", flag, "2"]) == 0
+        assert json.loads((out / "run.json").read_text())["preset"][f"{stage}_epochs"] == 2
+        assert main(["reproduce", "--quick", "--out", str(out), "--only", "scenes"]) == 2  # another preset
+        assert main(["reproduce", "--quick", "--out", str(tmp_path / "x"), flag, "0"]) == 2
+        assert f"{flag} must be positive" in capsys.readouterr().err
 
 
 def test_letter_epochs_give_every_base_a_first_instruct_stage_on_letter_answers(tmp_path, monkeypatch, capsys):

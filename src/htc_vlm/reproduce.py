@@ -129,14 +129,11 @@ def get_preset(name: str, quick: bool, seeds: int | None = None, base_per_seed: 
         p = replace(p, mc_form=p.mc_form if mc_form is None else mc_form, lookups=p.lookups if lookups is None else lookups,
                     text_lookups=p.text_lookups if text_lookups is None else text_lookups)
         check_mc_options(p.mc_form, p.lookups, p.text_lookups)
-    if align_epochs is not None:
-        if not align_epochs > 0:
-            raise HTCError(f"--align-epochs must be positive, got {align_epochs}")
-        p = replace(p, align_epochs=align_epochs)
-    if instruct_epochs is not None:
-        if not instruct_epochs > 0:
-            raise HTCError(f"--instruct-epochs must be positive, got {instruct_epochs}")
-        p = replace(p, instruct_epochs=instruct_epochs)
+    for stage, epochs in (("align", align_epochs), ("instruct", instruct_epochs)):  # every base's stage
+        if epochs is not None:
+            if not epochs > 0:
+                raise HTCError(f"--{stage}-epochs must be positive, got {epochs}")
+            p = replace(p, **{f"{stage}_epochs": epochs})
     if mme_pairs is not None:
         from .data.scenes import check_question_counts
 

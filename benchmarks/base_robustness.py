@@ -8,7 +8,7 @@ validation split (where a recipe is chosen) and the test split (the claim); each
 POPE F1 (random / popular / adversarial), MME perception (of 1,200) and MC circular accuracy.
 
     python benchmarks/base_robustness.py RUN [--seeds 1 2] [--one-thread-seed 0] [--out RUN/robustness]
-        [--compress voco htc] [--compress-steps 3000]
+        [--jobs 2] [--compress voco htc] [--compress-steps 3000]
 
 The run's own upper bound (seed 0, trained by ``reproduce`` with all cores) is the first row. A seed in
 ``--seeds`` whose base ``reproduce --seeds`` already trained in the run folder (``bases/sN``, all cores,
@@ -21,7 +21,10 @@ then each is scored on the validation split's open questions. The second table s
 one-token run moves with the base it compresses (docs/LOG.md, session 7).
 
 Configurations run one after another (a one-thread configuration uses one thread; the others all the
-machine's). Finished configurations are skipped when run again (each writes ``result.json``).
+machine's). ``--jobs N`` first trains and scores the one-thread configurations N at a time, each in its
+own process (``OUT/seedS-1thread.log``), so two cores train two one-thread bases at once; each gives
+the scores it gives alone, since it computes on one thread either way. Finished configurations are
+skipped when run again (each writes ``result.json``).
 """
 
 from __future__ import annotations
@@ -157,6 +160,33 @@ def compression(run: Path, base: Path, out: Path, method: str, steps: int) -> di
     return result
 
 
+def side_by_side(run: Path, out: Path, seeds: list[int], jobs: int, console) -> None:
+    """Train and score the one-thread configurations of ``seeds`` ``jobs`` at a time, each by this script
+    in a process of its own; a finished one (``result.json``) is not started again."""
+    todo = [s for s in seeds if not (out / f"seed{s}-1thread" / "result.json").exists()]
+    running: list[tuple[int, subprocess.Popen, Path]] = []
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        while todo or running:
+            while todo and len(running) < jobs:
+                seed = todo.pop(0)
+                log = out / f"seed{seed}-1thread.log"
+                cmd = [sys.executable, __file__, str(run), "--seeds", "--one-thread-seed", str(seed), "--out", str(out)]
+                console.print(f"seed{seed}-1thread: started beside {len(running)} other(s) (log {log})",
+                              highlight=False)
+                with open(log, "w") as f:
+                    running.append((seed, subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT), log))
+            time.sleep(1)
+            for job in [j for j in running if j[1].poll() is not None]:
+                running.remove(job)
+                if job[1].returncode:
+                    raise SystemExit(f"seed{job[0]}-1thread failed (log: {job[2]})")
+    except BaseException:  # a failed one or Ctrl-C: the others stop too (a rerun resumes what finished)
+        for _, other, _ in running:
+            other.terminate()
+        raise
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run", type=Path, help="a htc-vlm reproduce run folder (scenes and vision stages done)")
@@ -165,9 +195,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--one-thread-seed", type=int, nargs="*", default=[0],
                     help="seeds also trained with one thread (none: --one-thread-seed with no value)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--jobs", type=int, default=1, help="one-thread configurations trained side by side")
     ap.add_argument("--compress", nargs="*", default=[], help="trained methods to compress every base with")
     ap.add_argument("--compress-steps", type=int, default=3000)
     a = ap.parse_args(argv)
+    if a.jobs < 1:
+        raise SystemExit(f"--jobs must be at least 1, got {a.jobs}")
     record = json.loads((a.run / "run.json").read_text())
     for stage in ("scenes", "vision"):
         if record["stages"].get(stage, {}).get("status") != "done":
@@ -175,6 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     out = a.out or a.run / "robustness"
     configs = [(s, None) for s in a.seeds] + [(s, 1) for s in a.one_thread_seed]
     console = Console()
+    if a.jobs > 1:
+        side_by_side(a.run, out, a.one_thread_seed, a.jobs, console)
     rows, bases = [], {"run's own": a.run}
     own_val, own_test = (record["stages"].get(k, {}) for k in ("val/upper", "eval/upper"))
     if own_val.get("status") == own_test.get("status") == "done":  # the run's own upper bound is one more row

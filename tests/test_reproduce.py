@@ -584,3 +584,57 @@ def test_the_provenance_commands_of_the_first_stages_reproduce_their_outputs(tmp
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     a, b = (load_file(r / "features.safetensors") for r in (out, again))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_base_robustness_jobs_trains_one_thread_bases_side_by_side_and_stops_on_a_failure(tmp_path, monkeypatch):
+    """--jobs 2: the unfinished one-thread configurations run two at a time, each as this script with one
+    seed; their results make the table as if run one after another. A failed one stops the others."""
+    import subprocess
+
+    import htc_vlm.reproduce as rp
+
+    br = benchmark_script("base_robustness")
+    run, out = tmp_path / "run", tmp_path / "run" / "robustness"
+    p = rp.get_preset("tiny", False, mc_form="content-letter", lookups=8, letter_epochs=6)
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"preset": json.loads(json.dumps(rp.asdict(p))),
+                                              "stages": {"scenes": {"status": "done"}, "vision": {"status": "done"}}}))
+    result = lambda seed: {"seed": seed, "threads": 1, "train_seconds": 1.0,  # noqa: E731
+                           **{f"{sp}_{f}": float(seed) for sp in ("val", "test") for f in rp.FAMILY_BENCHMARKS}}
+    (out / "seed3-1thread").mkdir(parents=True)
+    (out / "seed3-1thread" / "result.json").write_text(json.dumps(result(3)))
+    alive, started, stopped = set(), [], []
+
+    class Child:  # a child script: done on its second poll, seed 4 failing
+        def __init__(self, cmd, stdout, stderr):
+            self.seed, self.polls, self.returncode = int(cmd[cmd.index("--one-thread-seed") + 1]), 0, None
+            assert cmd[1] == br.__file__ and cmd[cmd.index("--out") + 1] == str(out) and cmd[3:5] == ["--seeds", "--one-thread-seed"]
+            started.append((self.seed, sorted(alive)))
+            alive.add(self.seed)
+
+        def poll(self):
+            self.polls += 1
+            if self.polls < 2:
+                return None
+            self.returncode = int(self.seed == 4)
+            if not self.returncode:
+                (out / f"seed{self.seed}-1thread").mkdir(exist_ok=True)
+                (out / f"seed{self.seed}-1thread" / "result.json").write_text(json.dumps(result(self.seed)))
+            alive.discard(self.seed)
+            return self.returncode
+
+        def terminate(self):
+            stopped.append(self.seed)
+
+    monkeypatch.setattr(subprocess, "Popen", Child)
+    monkeypatch.setattr(br.time, "sleep", lambda s: None)
+    monkeypatch.setattr(br, "_run", lambda *a: pytest.fail("a finished configuration was trained again"))
+    monkeypatch.setattr(br, "evaluate_families", lambda *a, **k: pytest.fail("a finished configuration was scored again"))
+    br.main([str(run), "--seeds", "--one-thread-seed", "1", "2", "3", "--jobs", "2"])
+    assert started == [(1, []), (2, [1])]  # two at a time; seed 3 was finished
+    assert [(r["seed"], r["val_mc"]) for r in json.loads((out / "table.json").read_text())] == [(1, 1.0), (2, 2.0), (3, 3.0)]
+    with pytest.raises(SystemExit, match="seed4-1thread failed"):
+        br.main([str(run), "--seeds", "--one-thread-seed", "4", "5", "--jobs", "2"])
+    assert stopped == [5]
+    with pytest.raises(SystemExit, match="--jobs must be at least 1"):
+        br.main([str(run), "--jobs", "0"])

@@ -329,6 +329,32 @@ def test_letter_epochs_give_every_base_a_first_instruct_stage_on_letter_answers(
     assert "--letter-epochs must be 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("mme_pairs", [1, 6])
+def test_replay_stage_keeps_each_images_records_in_one_packed_item_for_every_mme_pairs(tmp_path, mme_pairs):
+    """The replay stage's data.max_length is the room of one image's records (content-letter answers,
+    8 lookups, the replayed POPE and MME questions) up to six MME pairs: at 640, three pairs split
+    every image in two and doubled the stage's steps (docs/LOG.md, session 26)."""
+    from transformers import AutoTokenizer
+
+    import htc_vlm.reproduce as rp
+    from htc_vlm.data.llava import LlavaDataset
+    from htc_vlm.data.scenes import REPLAY_FORM, write_benchmark
+    from htc_vlm.data.tokenizer import save_tokenizer
+    from htc_vlm.presets import build_config
+
+    write_benchmark(tmp_path, 40, 5, seed=0, image_size=48, n_val=5, mme_pairs=mme_pairs,
+                    mc_form="content-letter", lookups=8)
+    save_tokenizer(tmp_path / "tokenizer")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tokenizer")
+    args = (tmp_path / "train" / REPLAY_FORM, tmp_path / "images", tok, build_config("tiny", tok))
+    packed = LlavaDataset(*args, max_length=rp.REPLAY_MAX_LENGTH, pack_by_image=True)
+    assert len(packed) == 40  # one item per image
+    longest = max(len(packed[i]["input_ids"]) for i in range(len(packed)))
+    assert longest > 512  # the tiny preset's own limit would split them
+    if mme_pairs > 1:
+        assert len(LlavaDataset(*args, max_length=640, pack_by_image=True)) > 40  # the old limit did
+
+
 def test_replay_verification_trains_the_second_stage_on_the_first_stages_pope_and_mme_questions_too(
         tmp_path, monkeypatch, capsys):
     """--replay-verification: every base's instruct stage (after instruct-letter) trains on the replay

@@ -331,8 +331,11 @@ class InstructStage(NamedTuple):
     overrides: tuple[str, ...] = ()  # further key=value settings of htc-vlm train
 
 
-# An image's packed records with replayed verification: up to ~600 tokens (content-letter answers, 8 lookups)
-REPLAY_MAX_LENGTH = 640
+# An image's packed records with replayed verification must stay one packed item: up to ~600 tokens with
+# content-letter answers, 8 lookups and one MME pair, 748 with three pairs. A longer limit packs the same items
+# (a batch is padded to its longest item, not to this), so the one-pair recipe trains exactly as at 640,
+# where three pairs split every image in two and doubled the stage's steps (docs/LOG.md, session 26).
+REPLAY_MAX_LENGTH = 1024
 
 
 def instruct_stages(p: RunPreset) -> tuple[InstructStage, ...]:

@@ -236,7 +236,7 @@ def test_a_compression_stage_asks_for_a_converged_run(tmp_path, monkeypatch):
         return {"outputs": str(tmp_path / "model"), "command": "c"}
 
     monkeypatch.setattr(rp, "_train", fake_train)
-    p = rp.get_preset("tiny", False)
+    p = rp.get_preset("tiny", False, mc_form="letter", lookups=0, letter_epochs=0)  # no lookups: one file
     e = next(x for x in rp.experiments(p) if x.key == "htc-b1-s1")
     summary = rp._train_experiment(e)(tmp_path, p)
     assert seen["stage"] == "compress" and seen["method"] == "htc" and seen["out"] == "runs/htc-b1-s1"
@@ -250,7 +250,7 @@ def test_a_compression_stage_asks_for_a_converged_run(tmp_path, monkeypatch):
     # with lookups the base's instruct stage trains on them, compression runs on the rest
     from htc_vlm.data.scenes import WITHOUT_LOOKUPS
 
-    p = rp.get_preset("tiny", False, mc_form="content-letter", lookups=8)
+    p = rp.get_preset("tiny", False, mc_form="content-letter", lookups=8, letter_epochs=0)
     rp._train_experiment(e)(tmp_path, p)
     assert {f"data.conversations={sc / 'train' / WITHOUT_LOOKUPS}",
             f"data.val_conversations={sc / 'val' / WITHOUT_LOOKUPS}"} <= set(seen["extra"])
@@ -273,7 +273,7 @@ def test_instruct_epochs_reach_every_base_and_belong_to_the_run_folder(tmp_path,
 
     seen = []
     monkeypatch.setattr(rp, "_train", lambda root, stage, out, *extra, **kw: seen.append((out, extra)) or {})
-    for stage, run_stage, default in (("instruct", rp._stage_instruct, 6), ("align", rp._stage_align, 8)):
+    for stage, run_stage, default in (("instruct", rp._stage_instruct, 12), ("align", rp._stage_align, 24)):
         seen.clear()
         p = rp.get_preset("tiny", False, **{f"{stage}_epochs": 12})
         for s in p.seeds:
@@ -298,7 +298,7 @@ def test_letter_epochs_give_every_base_a_first_instruct_stage_on_letter_answers(
 
     seen = {}
     monkeypatch.setattr(rp, "_train", lambda root, stage, out, *extra, **kw: seen.update({out: extra}) or {})
-    p = rp.get_preset("tiny", False, mc_form="content-letter", lookups=8, letter_epochs=5)
+    p = rp.get_preset("tiny", False, mc_form="content-letter", lookups=8, letter_epochs=5, replay_verification=False)
     by_name = {st.name: st for st in rp.stages(p)}
     for s, base in ((0, ""), (1, "bases/s1/"), (2, "bases/s2/")):
         assert by_name[f"{base}instruct-letter"].needs == (f"{base}align",)
@@ -312,8 +312,12 @@ def test_letter_epochs_give_every_base_a_first_instruct_stage_on_letter_answers(
                 f"data.conversations={sc / 'conversations.json'}"} <= set(seen[f"{base}instruct"])
     names = [st.name for st in rp.stages(p)]
     assert names.index("align") < names.index("instruct-letter") < names.index("instruct")
-    one = rp.get_preset("tiny", False, mc_form="content-letter", lookups=8)
-    assert "instruct-letter" not in {st.name for st in rp.stages(one)}
+    one = rp.get_preset("tiny", False, mc_form="content-letter", lookups=8, letter_epochs=0)
+    assert "instruct-letter" not in {st.name for st in rp.stages(one)} and not one.replay_verification
+    full, quick = rp.get_preset("tiny", False), rp.get_preset("tiny", True)  # the main job and CI: the same stages
+    assert (full.letter_epochs, full.instruct_epochs, full.replay_verification) == (6, 12, True)
+    assert [(st.name, st.conversations) for st in rp.instruct_stages(quick)] == [
+        (st.name, st.conversations) for st in rp.instruct_stages(full)]
     rp._stage_instruct(0)(tmp_path, one)
     assert f"model.init={tmp_path / 'align' / 'model'}" in seen["instruct"]
     out = tmp_path / "run"
@@ -321,9 +325,11 @@ def test_letter_epochs_give_every_base_a_first_instruct_stage_on_letter_answers(
                  "--letter-epochs", "1"]) == 0
     assert json.loads((out / "run.json").read_text())["preset"]["letter_epochs"] == 1
     assert (out / "scenes" / "train" / LETTER_FORM).exists()
-    assert main(["reproduce", "--quick", "--out", str(out), "--only", "scenes", "--lookups", "1"]) == 2
+    assert main(["reproduce", "--quick", "--out", str(out), "--only", "scenes", "--lookups", "1",
+                 "--letter-epochs", "0"]) == 2
     assert "with other settings" in capsys.readouterr().err
-    assert main(["reproduce", "--quick", "--out", str(tmp_path / "x"), "--letter-epochs", "2"]) == 2
+    assert main(["reproduce", "--quick", "--out", str(tmp_path / "x"), "--mc-form", "letter", "--lookups", "0",
+                 "--letter-epochs", "2"]) == 2
     assert "--letter-epochs needs --mc-form content-letter or --lookups" in capsys.readouterr().err
     assert main(["reproduce", "--quick", "--out", str(tmp_path / "x"), "--lookups", "1", "--letter-epochs", "-1"]) == 2
     assert "--letter-epochs must be 0" in capsys.readouterr().err
@@ -367,7 +373,7 @@ def test_replay_verification_trains_the_second_stage_on_the_first_stages_pope_an
     seen = {}
     monkeypatch.setattr(rp, "_train", lambda root, stage, out, *extra, **kw: seen.update({out: extra}) or {})
     p = rp.get_preset("tiny", False, mc_form="content-letter", lookups=8, letter_epochs=6, replay_verification=True)
-    plain = rp.get_preset("tiny", False, mc_form="content-letter", lookups=8, letter_epochs=6)
+    plain = rp.get_preset("tiny", False, mc_form="content-letter", lookups=8, letter_epochs=6, replay_verification=False)
     assert [st.name for st in rp.stages(p)] == [st.name for st in rp.stages(plain)]
     sc = tmp_path / "scenes" / "train"
     for s, base in ((0, ""), (2, "bases/s2/")):
@@ -381,16 +387,19 @@ def test_replay_verification_trains_the_second_stage_on_the_first_stages_pope_an
         assert replayed - own == {f"data.conversations={sc / REPLAY_FORM}", f"data.max_length={rp.REPLAY_MAX_LENGTH}"}
         assert own - replayed == {f"data.conversations={sc / 'conversations.json'}"}
     assert base_robustness.plan(json.loads(json.dumps(rp.asdict(p)))) == rp.instruct_stages(p)
-    assert base_robustness.plan({"name": "tiny", "instruct_epochs": 6}) == rp.instruct_stages(rp.get_preset("tiny", False))
+    # a record written before these settings existed: their dataclass defaults, one instruct stage
+    old = rp.instruct_stages(rp.get_preset("tiny", False, letter_epochs=0, instruct_epochs=6))
+    assert base_robustness.plan({"name": "tiny", "instruct_epochs": 6}) == old and len(old) == 1
     out = tmp_path / "run"
     assert main(["reproduce", "--quick", "--out", str(out), "--only", "scenes", "--lookups", "1",
                  "--letter-epochs", "1", "--replay-verification"]) == 0
     assert json.loads((out / "run.json").read_text())["preset"]["replay_verification"] is True
     assert (out / "scenes" / "train" / REPLAY_FORM).exists()
     assert main(["reproduce", "--quick", "--out", str(out), "--only", "scenes", "--lookups", "1",
-                 "--letter-epochs", "1"]) == 2
+                 "--letter-epochs", "1", "--no-replay-verification"]) == 2
     assert "with other settings" in capsys.readouterr().err
-    assert main(["reproduce", "--quick", "--out", str(tmp_path / "x"), "--lookups", "1", "--replay-verification"]) == 2
+    assert main(["reproduce", "--quick", "--out", str(tmp_path / "x"), "--lookups", "1", "--letter-epochs", "0",
+                 "--replay-verification"]) == 2
     assert "--replay-verification needs --letter-epochs" in capsys.readouterr().err
 
 
@@ -436,7 +445,8 @@ def test_base_per_seed_gives_each_table1_seed_its_own_base_and_bounds(tmp_path, 
     that base, and its bounds are evaluated and pooled into the intervals; without it one base serves all."""
     import htc_vlm.reproduce as rp
 
-    one, per = rp.get_preset("tiny", False, base_per_seed=False), rp.get_preset("tiny", False)
+    plain = {"letter_epochs": 0}  # one instruct stage per base
+    one, per = rp.get_preset("tiny", False, base_per_seed=False, **plain), rp.get_preset("tiny", False, **plain)
     assert per.base_per_seed and not rp.get_preset("tiny", True).base_per_seed  # the main job's default; --quick's one seed
     by_name = lambda p: {s.name: s for s in rp.stages(p)}  # noqa: E731
     assert not any(n.startswith("bases/") or n.startswith("eval/upper-") for n in by_name(one))
@@ -489,6 +499,17 @@ def test_base_per_seed_gives_each_table1_seed_its_own_base_and_bounds(tmp_path, 
     (out / "run.json").write_text(json.dumps(record))
     assert main(["reproduce", "--quick", "--out", str(out)]) == 0
     assert main(["reproduce", "--quick", "--base-per-seed", "--out", str(out)]) == 2  # another setting: refused
+    # a tiny folder of the recipe before session 30 (its record lacks the fields added since) resumes with that
+    # recipe's flags (docs/results.md) and is refused with the current one's
+    old, flags = tmp_path / "before-30", ["--mc-form", "letter", "--lookups", "0", "--letter-epochs", "0",
+                                          "--mme-pairs", "1", "--align-epochs", "8", "--instruct-epochs", "6"]
+    assert main(["reproduce", "--out", str(old), *flags]) == 0
+    record = json.loads((old / "run.json").read_text())
+    for newer in ("letter_epochs", "replay_verification", "align_epochs", "text_lookups"):
+        del record["preset"][newer]
+    (old / "run.json").write_text(json.dumps(record))
+    assert main(["reproduce", "--out", str(old), *flags]) == 0
+    assert main(["reproduce", "--out", str(old)]) == 2
 
 
 def test_an_inline_stage_writes_its_output_to_its_log_not_the_terminal(tmp_path, monkeypatch, capfd):

@@ -459,22 +459,22 @@ def reproduce(
     base_per_seed: Annotated[bool | None, typer.Option(
         "--base-per-seed/--one-base", help="Table 1's seed s > 0 also trains its own base model (align + instruct "
         "with seed s) and compresses from it, so the intervals cover the base's variation (default: the preset's; tiny: a base per seed).")] = None,
-    mc_form: Annotated[str | None, typer.Option(help="How the training data write MC answers: 'letter' (LLaVA's; "
-                                                     "the preset's default) or 'content-letter' (the option's text, then its letter).")] = None,
+    mc_form: Annotated[str | None, typer.Option(help="How the training data write MC answers: 'letter' (LLaVA's) "
+                                                     "or 'content-letter' (the option's text, then its letter; tiny's default).")] = None,
     lookups: Annotated[int | None, typer.Option(help="Lookup questions per training image (MC options with the "
-                                                     "answer's text as the question; default: the preset's, 0).")] = None,
+                                                     "answer's text as the question; default: the preset's; tiny: 8).")] = None,
     instruct_epochs: Annotated[float | None, typer.Option(help="Epochs of every base's instruct stage (default: the "
-                                                               "preset's; tiny: 6).")] = None,
+                                                               "preset's; tiny: 12).")] = None,
     letter_epochs: Annotated[float | None, typer.Option(help="Epochs of a first instruct stage of every base on letter "
         "MC answers without lookups, before the instruct stage on the run's own (needs --mc-form content-letter or "
-        "--lookups; default: the preset's, 0: none).")] = None,
+        "--lookups; default: the preset's; tiny: 6; 0: one instruct stage).")] = None,
     replay_verification: Annotated[bool | None, typer.Option(
         "--replay-verification/--no-replay-verification", help="With --letter-epochs: the second instruct stage "
-        "also trains on the first one's POPE and MME questions again (default: the preset's, off).")] = None,
+        "also trains on the first one's POPE and MME questions again (default: the preset's; tiny: on).")] = None,
     mme_pairs: Annotated[int | None, typer.Option(help="MME yes/no pairs per training image, of distinct sub-tasks "
-                                                       "(1-6; default: the preset's, 1).")] = None,
+                                                       "(1-6; default: the preset's; tiny: 3).")] = None,
     align_epochs: Annotated[float | None, typer.Option(help="Epochs of every base's align stage (default: the "
-                                                            "preset's; tiny: 8).")] = None,
+                                                            "preset's; tiny: 24).")] = None,
     text_lookups: Annotated[int | None, typer.Option(help="Text-only lookup questions per training image that every "
         "base's align stage also trains on, so its language model learns to find an option's letter from its text "
         "(0-32; default: the preset's, 0).")] = None,

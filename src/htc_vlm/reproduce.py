@@ -95,19 +95,21 @@ class RunPreset:
     seed: int = 0
 
 
+# The base recipe's data forms and stages (docs/LOG.md, sessions 22-29, chosen on val): content-letter MC
+# answers, a first instruct stage on letter answers, a second that replays its POPE / MME questions, 3 MME pairs
+# per image; the main job and CI train them alike, at their own sizes.
+_RECIPE = dict(mc_form="content-letter", replay_verification=True, mme_pairs=3)
 PRESETS = {
     # a base per Table 1 seed: three bases gave the same VoCo recipe 57-67 val open (LOG.md, session 7),
     # more than one base's intervals are wide, so the intervals have to resample bases too
-    # The base recipe (docs/LOG.md, sessions 22-29, chosen on val): content-letter MC answers with 8 lookups
-    # per image, a first instruct stage on letter answers, a second that replays its POPE / MME questions,
-    # 3 MME pairs per image, align 24 and instruct 12 epochs. Over ten bases (seeds 0-3 on two threads,
-    # 0-5 on one) val MC circular 72.5-94.0, lowest POPE F1 93.7-96.2, MME 1,123-1,168 of 1,200.
-    "tiny": RunPreset("tiny", base_per_seed=True, align_epochs=24, instruct_epochs=12, letter_epochs=6,
-                      replay_verification=True, mc_form="content-letter", lookups=8, mme_pairs=3),
+    # with 8 lookups per image, align 24 and instruct 12 epochs: over ten bases (seeds 0-3 on two threads,
+    # 0-5 on one) val MC circular 72.5-94.0, lowest POPE F1 93.7-96.2, MME 1,123-1,168 of 1,200
+    "tiny": RunPreset("tiny", base_per_seed=True, align_epochs=24, instruct_epochs=12, letter_epochs=6, lookups=8,
+                      **_RECIPE),
     # the same stages at CI's size
     "tiny-quick": RunPreset("tiny-quick", train_scenes=300, val_scenes=30, test_scenes=60, vision_epochs=4,
-                            vq_steps=40, align_epochs=1, instruct_epochs=1, letter_epochs=1, replay_verification=True,
-                            mc_form="content-letter", lookups=2, mme_pairs=3, compress_max_steps=30,
+                            vq_steps=40, align_epochs=1, instruct_epochs=1, letter_epochs=1, lookups=2, **_RECIPE,
+                            compress_max_steps=30,
                             compress_eval_steps=10, compress_min_steps=10, compress_val_items=6, seeds=(0,),
                             budgets=(12, 4), trained_budgets=(4,), anchors=(1, 4), fusions=("pre",),
                             attentions=("causal", "isolated"), table2_families=("open",)),

@@ -35,7 +35,6 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 
 from rich.console import Console
@@ -43,25 +42,18 @@ from rich.table import Table
 
 from htc_vlm.data.scenes import WITHOUT_LOOKUPS
 from htc_vlm.reproduce import FAMILY_BENCHMARKS as FAMILIES
-from htc_vlm.reproduce import (InstructStage, RunPreset, align_conversations, base_stage, evaluate_families,
-                               instruct_stages)
-
-
-def _preset(preset: dict) -> RunPreset:
-    """The run's recorded preset; a setting newer than the record takes its default, as when reproduce
-    resumes the run."""
-    known = {f.name for f in fields(RunPreset)}
-    return RunPreset(**{k: v for k, v in preset.items() if k in known})
+from htc_vlm.reproduce import (InstructStage, align_conversations, base_stage, evaluate_families, instruct_stages,
+                               recorded_preset)
 
 
 def plan(preset: dict) -> tuple[InstructStage, ...]:
     """The run's instruct stages after align (reproduce.instruct_stages)."""
-    return instruct_stages(_preset(preset))
+    return instruct_stages(recorded_preset(preset))
 
 
 def base_stages(record: dict, seed: int) -> list[str]:
     """The run's stages of seed ``seed``'s base, align first (``reproduce.base_stage``)."""
-    p = _preset(record["preset"])
+    p = recorded_preset(record["preset"])
     return [base_stage(p, seed, "align"), *(base_stage(p, seed, st.name) for st in plan(record["preset"]))]
 
 
@@ -113,7 +105,7 @@ def configuration(run: Path, out: Path, seed: int, threads: int | None, preset: 
     else:
         base, sc = out, run / "scenes"
         common = [f"data.images={sc / 'images'}", f"data.tokenizer={sc / 'tokenizer'}", f"optim.seed={seed}"]
-        align = sc / "train" / align_conversations(_preset(preset))
+        align = sc / "train" / align_conversations(recorded_preset(preset))
         t0 = time.perf_counter()
         _run(["htc-vlm", "train", "--config", "tiny", "stage=align", f"output_dir={out / 'align'}",
               f"model.vision_tower={run / 'vision' / 'model'}", f"data.conversations={align}",

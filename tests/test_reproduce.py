@@ -1,6 +1,8 @@
 import json
 import os
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -685,3 +687,62 @@ def test_base_robustness_jobs_trains_one_thread_bases_side_by_side_and_stops_on_
     assert stopped == [5]
     with pytest.raises(SystemExit, match="--jobs must be at least 1"):
         br.main([str(run), "--jobs", "0"])
+
+
+def test_equal_steps_retrains_table1_runs_to_the_same_length_and_compares_them_paired(tmp_path, monkeypatch, tiny_run):
+    """benchmarks/equal_steps.py: each Table 1 run of the methods is trained again from its seed's base
+    with reproduce's command minus the early stop, for exactly --steps steps; a run already that long is
+    scored as it is; the paired difference reads the predictions it wrote on both splits."""
+    import htc_vlm.reproduce as rp
+
+    es = benchmark_script("equal_steps")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "scenes").symlink_to(tiny_run / "scenes")
+    p = rp.get_preset("tiny", False, seeds=2)
+    keys = ["htc-b1", "htc-b1-s1", "voco-b1", "voco-b1-s1"]
+    record = {"preset": json.loads(json.dumps(rp.asdict(p))), "stages": {f"train/{k}": {"status": "done"} for k in keys}}
+    (run / "run.json").write_text(json.dumps(record))
+    for k in keys:  # voco-b1 hit the cap: it is already 3,000 steps long
+        (run / "runs" / k / "model").mkdir(parents=True)
+        (run / "runs" / k / "model" / "val_curve.json").write_text(
+            json.dumps({"final_step": 3000 if k == "voco-b1" else 1500, "val_loss": [0.5, 0.4]}))
+    jobs = es.runs(run, record, ["htc", "voco"], 3000)
+    assert [(j["key"], j["seed"], j["own"]) for j in jobs] == [("htc-b1", 0, False), ("htc-b1-s1", 1, False),
+                                                               ("voco-b1", 0, True), ("voco-b1-s1", 1, False)]
+    assert jobs[1]["init"] == run / "bases/s1/instruct/model" and jobs[0]["init"] == run / "instruct/model"
+    trained = []
+
+    def fake_train(cmd, stdout, stderr):
+        trained.append(cmd)
+        out = Path(next(c for c in cmd if c.startswith("output_dir=")).split("=", 1)[1])
+        (out / "model").mkdir(parents=True)
+        (out / "model" / "val_curve.json").write_text(json.dumps({"final_step": 3000, "val_loss": [0.5, 0.3]}))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    def fake_eval(root, key, model, method, budget, fams, split, out):  # HTC answers right, VoCo wrongly
+        for f in fams:
+            rows = rp.predictions(root, out, f, split)[1]
+            (out / f).mkdir(parents=True)
+            (out / f / "predictions.jsonl").write_text("".join(json.dumps(
+                {"benchmark": rp.FAMILY_BENCHMARKS[f], "question_id": r["question_id"],
+                 "prediction": r["answer"] if key.startswith("htc") else "zzz"}) + "\n" for r in rows))
+        return {"scores": {f: 1.0 for f in fams}}
+
+    monkeypatch.setattr(es.subprocess, "run", fake_train)
+    monkeypatch.setattr(es, "evaluate_families", fake_eval)
+    for j in jobs:
+        es.one(run, record, j, run / "equal-steps" / j["key"], 3000)
+    assert len(trained) == 3  # voco-b1 is the run's own
+    cmd = trained[1]
+    assert cmd[:8] == ["htc-vlm", "train", "--config", "tiny", "--method", "htc", "--budget", "1"]
+    assert {f"model.init={run / 'bases/s1/instruct/model'}", "optim.max_steps=3000", "optim.seed=1"} <= set(cmd)
+    assert not any(c.startswith(("optim.stop_when_flat", "optim.min_steps")) for c in cmd)
+    own = json.loads((run / "equal-steps" / "voco-b1" / "result.json").read_text())
+    assert own["model"] == str(run / "runs/voco-b1/model") and not own["trained"] and own["steps"] == 3000
+    es.main([str(run), "--steps", "3000"])  # every run finished: no worker starts, the comparison is printed
+    summary = json.loads((run / "equal-steps" / "equal_steps.json").read_text())
+    for split in ("val", "test"):
+        diff = summary[f"htc_minus_voco_{split}"]
+        assert diff["open"]["difference"] == 100.0 and diff["open"]["seeds"] == [2, 2]
+        assert diff["mc"]["difference"] == 100.0 and diff["pope_random"]["difference"] > 0

@@ -167,6 +167,13 @@ def get_preset(name: str, quick: bool, seeds: int | None = None, base_per_seed: 
     return p
 
 
+def recorded_preset(preset: dict) -> RunPreset:
+    """The preset a run folder's ``run.json`` records; a setting newer than the record takes its default,
+    as when ``reproduce`` resumes the run."""
+    known = {f.name for f in fields(RunPreset)}
+    return RunPreset(**{k: v for k, v in preset.items() if k in known})
+
+
 def base_stage(preset: RunPreset, seed: int, stage: str) -> str:
     """The ``align`` or ``instruct`` stage of the base that seed ``seed``'s Table 1 runs start from:
     its name, which is also its folder in the run folder."""
@@ -475,13 +482,14 @@ def _upper(root: Path) -> Path:
     return root / "instruct" / "model"
 
 
-def _predictions(root: Path, key: str, family: str) -> tuple[str, list[dict], dict[str, str]]:
-    """(benchmark, question rows as scored, predictions) of one finished evaluation stage."""
+def predictions(root: Path, folder: Path, family: str, split: str = "test") -> tuple[str, list[dict], dict[str, str]]:
+    """(benchmark, question rows as scored, predictions) of one finished evaluation of ``family`` on the
+    run's ``split``, written by :func:`evaluate_families` into ``folder``."""
     from .evaluation.runner import _read_predictions, scored_rows
 
     bench = FAMILY_BENCHMARKS[family]
-    rows = scored_rows(bench, root / "scenes" / "test" / f"{family}.jsonl")
-    return bench, rows, _read_predictions(root / "eval" / key / family / "predictions.jsonl", bench)
+    rows = scored_rows(bench, root / "scenes" / split / f"{family}.jsonl")
+    return bench, rows, _read_predictions(folder / family / "predictions.jsonl", bench)
 
 
 def _stage_intervals(root: Path, preset: RunPreset) -> dict:
@@ -491,7 +499,7 @@ def _stage_intervals(root: Path, preset: RunPreset) -> dict:
 
     keys = {b: bound_keys(preset, b) for b in ("upper", "lower")} | {
         m: [seed_key(m, s, preset) for s in preset.seeds] for m in table1_methods()}
-    read = {(k, f): _predictions(root, k, f) for runs in keys.values() for k in runs for f in FAMILY_BENCHMARKS}
+    read = {(k, f): predictions(root, root / "eval" / k, f) for runs in keys.values() for k in runs for f in FAMILY_BENCHMARKS}
     stats = {m: {f: [image_statistics(*read[k, f]) for k in runs] for f in FAMILY_BENCHMARKS} for m, runs in keys.items()}
     cells = {m: {f: interval(v).to_dict() for f, v in fams.items()} for m, fams in stats.items()}
     diff = {f: paired_difference(stats["htc"][f], stats["voco"][f]) for f in FAMILY_BENCHMARKS}

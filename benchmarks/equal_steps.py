@@ -1,0 +1,181 @@
+"""Table 1's trained one-token methods compared at the same number of training steps.
+
+``htc-vlm reproduce`` stops each compression run once its validation loss looks flat
+(``training/plateau.py``), so the runs that Table 1 compares may have trained for different numbers of
+steps (in the main job's run of session 31, HTC 1,500-2,000 and VoCo 2,400-3,000). This script trains each
+Table 1 run of the given methods again from its seed's base, with that run's seed and data order, for
+exactly ``--steps`` steps (no early stop; the preset's step cap by default), each on one thread as the
+run's workers do. A run of the folder that already trained exactly that long is taken as it is. Every
+model is scored on each question family of the validation and test splits; the script prints each run's
+scores and, per split, the paired difference of the first two methods (mean over seeds, a 95% interval
+from the bootstrap over images and seeds that Table 1's intervals use, its two-sided p).
+
+    python benchmarks/equal_steps.py RUN [--methods htc voco] [--steps 3000] [--jobs 2] [--out RUN/equal-steps]
+
+Each run trains and is scored in a process of its own on one thread (``OUT/<key>.log``); ``--jobs N`` runs
+N of them side by side. A finished run (``OUT/<key>/result.json``) is not trained or scored again, so a
+stopped call resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from htc_vlm.reproduce import (FAMILY_BENCHMARKS, base_dir, compress_conversations, evaluate_families, predictions,
+                               recorded_preset, seed_key)
+
+SPLITS = ("val", "test")
+
+
+def runs(run: Path, record: dict, methods: list[str], steps: int) -> list[dict]:
+    """Every Table 1 run of ``methods``: its key, seed, base and whether the run folder's own model
+    trained exactly ``steps`` steps (then it is scored, not trained again)."""
+    p = recorded_preset(record["preset"])
+    out = []
+    for m in methods:
+        for s in p.seeds:
+            key = seed_key(m, s, p)
+            if record["stages"].get(f"train/{key}", {}).get("status") != "done":
+                raise SystemExit(f"{run}: train/{key} is not done; finish the run first (htc-vlm reproduce)")
+            curve = json.loads((run / "runs" / key / "model" / "val_curve.json").read_text())
+            out.append({"key": key, "method": m, "seed": s, "init": base_dir(run, p, s) / "instruct" / "model",
+                        "own": curve["final_step"] == steps})
+    return out
+
+
+def train_command(run: Path, record: dict, job: dict, out: Path, steps: int) -> list[str]:
+    """``reproduce``'s command for this Table 1 run (``_train_experiment``), without its early stop."""
+    p, sc = recorded_preset(record["preset"]), run / "scenes"
+    conv = compress_conversations(p)
+    return ["htc-vlm", "train", "--config", "tiny", "--method", job["method"], "--budget", "1",
+            f"output_dir={out}", f"data.images={sc / 'images'}", f"data.tokenizer={sc / 'tokenizer'}",
+            f"data.features={run / 'features.safetensors'}", f"model.init={job['init']}",
+            f"data.conversations={sc / 'train' / conv}", f"data.val_conversations={sc / 'val' / conv}",
+            f"data.val_items={p.compress_val_items}", f"optim.max_steps={steps}",
+            f"optim.eval_steps={p.compress_eval_steps}", f"optim.seed={job['seed']}"]
+
+
+def one(run: Path, record: dict, job: dict, out: Path, steps: int) -> dict:
+    """Train (unless the run's own model is that long) and score one run, on this process's threads."""
+    done = out / "result.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    model = run / "runs" / job["key"] / "model" if job["own"] else out / "model"
+    curve_file, train_s = model / "val_curve.json", None
+    if not (curve_file.exists() and json.loads(curve_file.read_text())["final_step"] == steps):
+        t0 = time.perf_counter()
+        with open(out / "train.log", "w") as f:
+            if subprocess.run(train_command(run, record, job, out, steps), stdout=f, stderr=subprocess.STDOUT).returncode:
+                raise SystemExit(f"{job['key']}: training failed (log: {out / 'train.log'})")
+        train_s = round(time.perf_counter() - t0, 1)
+    curve = json.loads(curve_file.read_text())
+    result = {"key": job["key"], "method": job["method"], "seed": job["seed"], "steps": curve["final_step"],
+              "best_val_loss": round(min(curve["val_loss"]), 4), "model": str(model), "trained": not job["own"],
+              "train_seconds": train_s}  # None: trained before this call (the run's own, or a stopped call's)
+    for split in SPLITS:
+        got = evaluate_families(run, job["key"], model, "model", None, tuple(FAMILY_BENCHMARKS), split,
+                                out=out / f"eval-{split}")
+        result[split] = got["scores"]
+    done.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def side_by_side(run: Path, out: Path, jobs: list[dict], n: int, steps: int, console) -> None:
+    """Each unfinished run in a process of its own (this script with ``--key``), ``n`` at a time, one
+    thread each; a failure stops the others (a rerun resumes what finished)."""
+    todo = [j["key"] for j in jobs if not (out / j["key"] / "result.json").exists()]
+    running: list[tuple[str, subprocess.Popen, Path]] = []
+    env = dict(os.environ) | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        while todo or running:
+            while todo and len(running) < n:
+                key = todo.pop(0)
+                log = out / f"{key}.log"
+                console.print(f"{key}: {steps} steps + scoring, beside {len(running)} other(s) (log {log})",
+                              highlight=False)
+                cmd = [sys.executable, __file__, str(run), "--key", key, "--steps", str(steps), "--out", str(out)]
+                with open(log, "w") as f:
+                    running.append((key, subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env), log))
+            time.sleep(1)
+            for job in [j for j in running if j[1].poll() is not None]:
+                running.remove(job)
+                if job[1].returncode:
+                    raise SystemExit(f"{job[0]} failed (log: {job[2]})")
+                console.print(f"{job[0]}: done", highlight=False)
+    except BaseException:
+        for _, other, _ in running:
+            other.terminate()
+        raise
+
+
+def compare(run: Path, out: Path, jobs: list[dict], a: str, b: str, split: str) -> dict:
+    """Per family: A - B over the same images of ``split`` (paired bootstrap over images and seeds)."""
+    from htc_vlm.evaluation.bootstrap import image_statistics, paired_difference
+
+    def stats(method, family):
+        return [image_statistics(*predictions(run, out / j["key"] / f"eval-{split}", family, split))
+                for j in jobs if j["method"] == method]
+
+    return {f: paired_difference(stats(a, f), stats(b, f)) for f in FAMILY_BENCHMARKS}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run", type=Path, help="a finished htc-vlm reproduce run folder")
+    ap.add_argument("--methods", nargs="+", default=["htc", "voco"],
+                    help="Table 1's trained methods; the first two are compared")
+    ap.add_argument("--steps", type=int, default=None, help="steps of every run (default: the preset's step cap)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs trained side by side, one thread each")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--key", default=None, help=argparse.SUPPRESS)  # one run, in a worker process
+    a = ap.parse_args(argv)
+    if a.jobs < 1:
+        raise SystemExit(f"--jobs must be at least 1, got {a.jobs}")
+    record = json.loads((a.run / "run.json").read_text())
+    p = recorded_preset(record["preset"])
+    steps = a.steps or p.compress_max_steps
+    out = a.out or a.run / "equal-steps"
+    jobs = runs(a.run, record, a.methods, steps)
+    if a.key:
+        one(a.run, record, next(j for j in jobs if j["key"] == a.key), out / a.key, steps)
+        return
+    console = Console(width=None if sys.stdout.isatty() else 140)  # a log file keeps whole rows
+    side_by_side(a.run, out, jobs, a.jobs, steps, console)
+    results = [json.loads((out / j["key"] / "result.json").read_text()) for j in jobs]
+    t = Table("run", "steps", "best val loss", "val open", "test open", "test POPE F1 r / p / a", "test MME",
+              "test MC", "train s", title=f"Table 1's runs at {steps} steps each")
+    for r in results:
+        te = r["test"]
+        pope = " / ".join(f"{te[f'pope_{k}']:.1f}" for k in ("random", "popular", "adversarial"))
+        t.add_row(r["key"], str(r["steps"]), f"{r['best_val_loss']:.4f}", f"{r['val']['open']:.1f}",
+                  f"{te['open']:.1f}", pope, f"{te['mme']:.0f}", f"{te['mc']:.1f}",
+                  "run's own" if not r["trained"] else "-" if r["train_seconds"] is None else f"{r['train_seconds']:.0f}")
+    console.print(t)
+    summary = {"steps": steps, "runs": results}
+    if len(a.methods) >= 2:
+        x, y = a.methods[:2]
+        for split in SPLITS:
+            diff = compare(a.run, out, jobs, x, y, split)
+            summary[f"{x}_minus_{y}_{split}"] = diff
+            t = Table("family", f"{x} - {y}", "95% interval", "p (bootstrap)",
+                      title=f"{x} - {y} at {steps} steps, {split} split (mean over seeds, paired over images)")
+            for f, d in diff.items():
+                t.add_row(f, f"{d['difference']:+.2f}", f"[{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]",
+                          f"{d['p_bootstrap']:.3f}")
+            console.print(t)
+    (out / "equal_steps.json").write_text(json.dumps(summary, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

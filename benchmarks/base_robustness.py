@@ -40,7 +40,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from htc_vlm import processes
 from htc_vlm.data.scenes import WITHOUT_LOOKUPS
+from htc_vlm.errors import HTCError
 from htc_vlm.reproduce import FAMILY_BENCHMARKS as FAMILIES
 from htc_vlm.reproduce import (InstructStage, align_conversations, base_stage, evaluate_families, instruct_stages,
                                recorded_preset)
@@ -156,27 +158,12 @@ def side_by_side(run: Path, out: Path, seeds: list[int], jobs: int, console) -> 
     """Train and score the one-thread configurations of ``seeds`` ``jobs`` at a time, each by this script
     in a process of its own; a finished one (``result.json``) is not started again."""
     todo = [s for s in seeds if not (out / f"seed{s}-1thread" / "result.json").exists()]
-    running: list[tuple[int, subprocess.Popen, Path]] = []
-    out.mkdir(parents=True, exist_ok=True)
     try:
-        while todo or running:
-            while todo and len(running) < jobs:
-                seed = todo.pop(0)
-                log = out / f"seed{seed}-1thread.log"
-                cmd = [sys.executable, __file__, str(run), "--seeds", "--one-thread-seed", str(seed), "--out", str(out)]
-                console.print(f"seed{seed}-1thread: started beside {len(running)} other(s) (log {log})",
-                              highlight=False)
-                with open(log, "w") as f:
-                    running.append((seed, subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT), log))
-            time.sleep(1)
-            for job in [j for j in running if j[1].poll() is not None]:
-                running.remove(job)
-                if job[1].returncode:
-                    raise SystemExit(f"seed{job[0]}-1thread failed (log: {job[2]})")
-    except BaseException:  # a failed one or Ctrl-C: the others stop too (a rerun resumes what finished)
-        for _, other, _ in running:
-            other.terminate()
-        raise
+        processes.side_by_side([(f"seed{s}-1thread", [sys.executable, __file__, str(run), "--seeds", "--one-thread-seed",
+                                                      str(s), "--out", str(out)], out / f"seed{s}-1thread.log")
+                                for s in todo], jobs, say=lambda msg: console.print(msg, highlight=False))
+    except HTCError as e:  # one failed: the others were stopped (a rerun resumes what finished)
+        raise SystemExit(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -30,6 +30,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from htc_vlm import processes
+from htc_vlm.errors import HTCError
 from htc_vlm.reproduce import (FAMILY_BENCHMARKS, base_dir, compress_conversations, evaluate_families, predictions,
                                recorded_preset, seed_key)
 
@@ -93,30 +95,14 @@ def one(run: Path, record: dict, job: dict, out: Path, steps: int) -> dict:
 def side_by_side(run: Path, out: Path, jobs: list[dict], n: int, steps: int, console) -> None:
     """Each unfinished run in a process of its own (this script with ``--key``), ``n`` at a time, one
     thread each; a failure stops the others (a rerun resumes what finished)."""
-    todo = [j["key"] for j in jobs if not (out / j["key"] / "result.json").exists()]
-    running: list[tuple[str, subprocess.Popen, Path]] = []
     env = dict(os.environ) | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    out.mkdir(parents=True, exist_ok=True)
+    todo = [j["key"] for j in jobs if not (out / j["key"] / "result.json").exists()]
     try:
-        while todo or running:
-            while todo and len(running) < n:
-                key = todo.pop(0)
-                log = out / f"{key}.log"
-                console.print(f"{key}: {steps} steps + scoring, beside {len(running)} other(s) (log {log})",
-                              highlight=False)
-                cmd = [sys.executable, __file__, str(run), "--key", key, "--steps", str(steps), "--out", str(out)]
-                with open(log, "w") as f:
-                    running.append((key, subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env), log))
-            time.sleep(1)
-            for job in [j for j in running if j[1].poll() is not None]:
-                running.remove(job)
-                if job[1].returncode:
-                    raise SystemExit(f"{job[0]} failed (log: {job[2]})")
-                console.print(f"{job[0]}: done", highlight=False)
-    except BaseException:
-        for _, other, _ in running:
-            other.terminate()
-        raise
+        processes.side_by_side([(k, [sys.executable, __file__, str(run), "--key", k, "--steps", str(steps), "--out",
+                                     str(out)], out / f"{k}.log") for k in todo], n, env=env,
+                               say=lambda msg: console.print(msg, highlight=False))
+    except HTCError as e:
+        raise SystemExit(str(e)) from None
 
 
 def compare(run: Path, out: Path, jobs: list[dict], a: str, b: str, split: str) -> dict:
@@ -145,6 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     record = json.loads((a.run / "run.json").read_text())
     p = recorded_preset(record["preset"])
     steps = a.steps or p.compress_max_steps
+    if steps < p.compress_eval_steps:  # a run shorter than that has no validation loss to report
+        raise SystemExit(f"--steps must be at least {p.compress_eval_steps} (the runs' evaluation interval), got {steps}")
     out = a.out or a.run / "equal-steps"
     jobs = runs(a.run, record, a.methods, steps)
     if a.key:

@@ -655,7 +655,7 @@ def test_base_robustness_jobs_trains_one_thread_bases_side_by_side_and_stops_on_
     alive, started, stopped = set(), [], []
 
     class Child:  # a child script: done on its second poll, seed 4 failing
-        def __init__(self, cmd, stdout, stderr):
+        def __init__(self, cmd, stdout, stderr, env=None):
             self.seed, self.polls, self.returncode = int(cmd[cmd.index("--one-thread-seed") + 1]), 0, None
             assert cmd[1] == br.__file__ and cmd[cmd.index("--out") + 1] == str(out) and cmd[3:5] == ["--seeds", "--one-thread-seed"]
             started.append((self.seed, sorted(alive)))
@@ -740,9 +740,36 @@ def test_equal_steps_retrains_table1_runs_to_the_same_length_and_compares_them_p
     assert not any(c.startswith(("optim.stop_when_flat", "optim.min_steps")) for c in cmd)
     own = json.loads((run / "equal-steps" / "voco-b1" / "result.json").read_text())
     assert own["model"] == str(run / "runs/voco-b1/model") and not own["trained"] and own["steps"] == 3000
+    with pytest.raises(SystemExit, match="--steps must be at least 100"):
+        es.main([str(run), "--steps", "50"])
     es.main([str(run), "--steps", "3000"])  # every run finished: no worker starts, the comparison is printed
     summary = json.loads((run / "equal-steps" / "equal_steps.json").read_text())
     for split in ("val", "test"):
         diff = summary[f"htc_minus_voco_{split}"]
         assert diff["open"]["difference"] == 100.0 and diff["open"]["seeds"] == [2, 2]
         assert diff["mc"]["difference"] == 100.0 and diff["pope_random"]["difference"] > 0
+
+
+def test_side_by_side_runs_real_processes_with_their_env_and_names_the_one_that_failed(tmp_path):
+    """processes.side_by_side: each job's output in its log, the env given to every job, a failing job
+    named with its log, and the job still running beside it stopped."""
+    import sys
+
+    from htc_vlm.errors import HTCError
+    from htc_vlm.processes import side_by_side
+
+    py = lambda code: [sys.executable, "-c", code]  # noqa: E731
+    said = []
+    env = dict(os.environ) | {"HTC_TEST_VALUE": "7"}
+    side_by_side([(n, py("import os; print(os.environ['HTC_TEST_VALUE'])"), tmp_path / f"{n}.log") for n in "ab"], 2,
+                 env=env, say=said.append)
+    assert [(tmp_path / f"{n}.log").read_text() for n in "ab"] == ["7\n", "7\n"]
+    assert said[:2] == [f"a: started beside 0 other(s) (log {tmp_path / 'a.log'})",
+                        f"b: started beside 1 other(s) (log {tmp_path / 'b.log'})"]
+    slow = py("import time; time.sleep(60)")
+    t0 = time.perf_counter()
+    with pytest.raises(HTCError, match=f"bad failed \\(log: {tmp_path / 'bad.log'}\\)"):
+        side_by_side([("slow", slow, tmp_path / "slow.log"), ("bad", py("raise SystemExit(3)"), tmp_path / "bad.log")], 2)
+    assert time.perf_counter() - t0 < 30  # the slow one was stopped, not waited for
+    with pytest.raises(HTCError, match="--jobs must be at least 1"):
+        side_by_side([], 0)

@@ -33,7 +33,7 @@ from rich.table import Table
 from htc_vlm import processes
 from htc_vlm.errors import HTCError
 from htc_vlm.reproduce import (FAMILY_BENCHMARKS, base_dir, compress_conversations, evaluate_families, predictions,
-                               recorded_preset, seed_key)
+                               recorded_preset, seed_key, table1_methods)
 
 SPLITS = ("val", "test")
 
@@ -42,6 +42,8 @@ def runs(run: Path, record: dict, methods: list[str], steps: int) -> list[dict]:
     """Every Table 1 run of ``methods``: its key, seed, base and whether the run folder's own model
     trained exactly ``steps`` steps (then it is scored, not trained again)."""
     p = recorded_preset(record["preset"])
+    if unknown := [m for m in methods if m not in table1_methods()]:
+        raise SystemExit(f"not a trained method of Table 1: {', '.join(unknown)}; known: {', '.join(table1_methods())}")
     out = []
     for m in methods:
         for s in p.seeds:

@@ -740,6 +740,8 @@ def test_equal_steps_retrains_table1_runs_to_the_same_length_and_compares_them_p
     assert not any(c.startswith(("optim.stop_when_flat", "optim.min_steps")) for c in cmd)
     own = json.loads((run / "equal-steps" / "voco-b1" / "result.json").read_text())
     assert own["model"] == str(run / "runs/voco-b1/model") and not own["trained"] and own["steps"] == 3000
+    with pytest.raises(SystemExit, match="not a trained method of Table 1: fastv; known: "):
+        es.runs(run, record, ["htc", "fastv"], 3000)
     with pytest.raises(SystemExit, match="--steps must be at least 100"):
         es.main([str(run), "--steps", "50"])
     es.main([str(run), "--steps", "3000"])  # every run finished: no worker starts, the comparison is printed

@@ -7,8 +7,9 @@ Table 1 run of the given methods again from its seed's base, with that run's see
 exactly ``--steps`` steps (no early stop; the preset's step cap by default), each on one thread as the
 run's workers do. A run of the folder that already trained exactly that long is taken as it is. Every
 model is scored on each question family of the validation and test splits; the script prints each run's
-scores and, per split, the paired difference of the first two methods (mean over seeds, a 95% interval
-from the bootstrap over images and seeds that Table 1's intervals use, its two-sided p).
+scores; per split, each method's mean over seeds with its 95% interval (Table 1 at equal steps, from the
+bootstrap over images and seeds that Table 1's intervals use), and the paired difference of the first
+two methods with its interval and two-sided p.
 
     python benchmarks/equal_steps.py RUN [--methods htc voco] [--steps 3000] [--jobs 2] [--out RUN/equal-steps]
 
@@ -98,24 +99,38 @@ def side_by_side(run: Path, out: Path, jobs: list[dict], n: int, steps: int, con
     """Each unfinished run in a process of its own (this script with ``--key``), ``n`` at a time, one
     thread each; a failure stops the others (a rerun resumes what finished)."""
     env = dict(os.environ) | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    todo = [j["key"] for j in jobs if not (out / j["key"] / "result.json").exists()]
+    todo = [j for j in jobs if not (out / j["key"] / "result.json").exists()]
     try:
-        processes.side_by_side([(k, [sys.executable, __file__, str(run), "--key", k, "--steps", str(steps), "--out",
-                                     str(out)], out / f"{k}.log") for k in todo], n, env=env,
-                               say=lambda msg: console.print(msg, highlight=False))
+        processes.side_by_side([(j["key"], [sys.executable, __file__, str(run), "--methods", j["method"], "--key", j["key"],
+                                            "--steps", str(steps), "--out", str(out)], out / f"{j['key']}.log")
+                                for j in todo], n, env=env, say=lambda msg: console.print(msg, highlight=False))
     except HTCError as e:
         raise SystemExit(str(e)) from None
 
 
+def statistics(run: Path, out: Path, jobs: list[dict], method: str, family: str, split: str) -> list:
+    """Per seed, the per-image statistics of ``method``'s runs on one family of ``split``."""
+    from htc_vlm.evaluation.bootstrap import image_statistics
+
+    return [image_statistics(*predictions(run, out / j["key"] / f"eval-{split}", family, split))
+            for j in jobs if j["method"] == method]
+
+
+def table(run: Path, out: Path, jobs: list[dict], split: str) -> dict:
+    """Per method and family: the mean over seeds and its 95% interval (bootstrap over images and seeds)."""
+    from htc_vlm.evaluation.bootstrap import interval
+
+    methods = dict.fromkeys(j["method"] for j in jobs)
+    return {m: {f: interval(statistics(run, out, jobs, m, f, split)).to_dict() for f in FAMILY_BENCHMARKS}
+            for m in methods}
+
+
 def compare(run: Path, out: Path, jobs: list[dict], a: str, b: str, split: str) -> dict:
     """Per family: A - B over the same images of ``split`` (paired bootstrap over images and seeds)."""
-    from htc_vlm.evaluation.bootstrap import image_statistics, paired_difference
+    from htc_vlm.evaluation.bootstrap import paired_difference
 
-    def stats(method, family):
-        return [image_statistics(*predictions(run, out / j["key"] / f"eval-{split}", family, split))
-                for j in jobs if j["method"] == method]
-
-    return {f: paired_difference(stats(a, f), stats(b, f)) for f in FAMILY_BENCHMARKS}
+    return {f: paired_difference(statistics(run, out, jobs, a, f, split), statistics(run, out, jobs, b, f, split))
+            for f in FAMILY_BENCHMARKS}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -153,6 +168,13 @@ def main(argv: list[str] | None = None) -> None:
                   "run's own" if not r["trained"] else "-" if r["train_seconds"] is None else f"{r['train_seconds']:.0f}")
     console.print(t)
     summary = {"steps": steps, "runs": results}
+    for split in SPLITS:
+        cells = summary[f"table_{split}"] = table(a.run, out, jobs, split)
+        t = Table("method", *FAMILY_BENCHMARKS,
+                  title=f"at {steps} steps, {split} split: mean over seeds [95% interval over images and seeds]")
+        for m, fams in cells.items():
+            t.add_row(m, *(f"{c['mean']:.1f} [{c['ci95'][0]:.1f}, {c['ci95'][1]:.1f}]" for c in fams.values()))
+        console.print(t)
     if len(a.methods) >= 2:
         x, y = a.methods[:2]
         for split in SPLITS:

@@ -1,6 +1,7 @@
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -655,8 +656,9 @@ def test_base_robustness_jobs_trains_one_thread_bases_side_by_side_and_stops_on_
     alive, started, stopped = set(), [], []
 
     class Child:  # a child script: done on its second poll, seed 4 failing
-        def __init__(self, cmd, stdout, stderr, env=None):
+        def __init__(self, cmd, stdout, stderr, env=None, start_new_session=False):
             self.seed, self.polls, self.returncode = int(cmd[cmd.index("--one-thread-seed") + 1]), 0, None
+            self.pid = self.seed  # what the group kill is given
             assert cmd[1] == br.__file__ and cmd[cmd.index("--out") + 1] == str(out) and cmd[3:5] == ["--seeds", "--one-thread-seed"]
             started.append((self.seed, sorted(alive)))
             alive.add(self.seed)
@@ -672,10 +674,8 @@ def test_base_robustness_jobs_trains_one_thread_bases_side_by_side_and_stops_on_
             alive.discard(self.seed)
             return self.returncode
 
-        def terminate(self):
-            stopped.append(self.seed)
-
     monkeypatch.setattr(subprocess, "Popen", Child)
+    monkeypatch.setattr(os, "killpg", lambda pid, sig: stopped.append(pid))
     monkeypatch.setattr(br.time, "sleep", lambda s: None)
     monkeypatch.setattr(br, "_run", lambda *a: pytest.fail("a finished configuration was trained again"))
     monkeypatch.setattr(br, "evaluate_families", lambda *a, **k: pytest.fail("a finished configuration was scored again"))
@@ -729,12 +729,21 @@ def test_equal_steps_retrains_table1_runs_to_the_same_length_and_compares_them_p
                  "prediction": r["answer"] if key.startswith("htc") else "zzz"}) + "\n" for r in rows))
         return {"scores": {f: 1.0 for f in fams}}
 
+    workers = []
+
+    def fake_side_by_side(todo, n, env, say):  # each worker's command, run in this process
+        workers.extend((name, env["OMP_NUM_THREADS"]) for name, _, _ in todo)
+        for _, cmd, _ in todo:
+            assert cmd[:2] == [sys.executable, es.__file__]
+            es.main(cmd[2:])
+
     monkeypatch.setattr(es.subprocess, "run", fake_train)
     monkeypatch.setattr(es, "evaluate_families", fake_eval)
-    for j in jobs:
-        es.one(run, record, j, run / "equal-steps" / j["key"], 3000)
+    monkeypatch.setattr(es.processes, "side_by_side", fake_side_by_side)
+    es.main([str(run), "--steps", "3000", "--methods", "voco", "htc", "--jobs", "2"])
+    assert workers == [(k, "1") for k in ("voco-b1", "voco-b1-s1", "htc-b1", "htc-b1-s1")]
     assert len(trained) == 3  # voco-b1 is the run's own
-    cmd = trained[1]
+    cmd = next(c for c in trained if f"output_dir={run / 'equal-steps' / 'htc-b1-s1'}" in c)
     assert cmd[:8] == ["htc-vlm", "train", "--config", "tiny", "--method", "htc", "--budget", "1"]
     assert {f"model.init={run / 'bases/s1/instruct/model'}", "optim.max_steps=3000", "optim.seed=1"} <= set(cmd)
     assert not any(c.startswith(("optim.stop_when_flat", "optim.min_steps")) for c in cmd)
@@ -750,6 +759,10 @@ def test_equal_steps_retrains_table1_runs_to_the_same_length_and_compares_them_p
         diff = summary[f"htc_minus_voco_{split}"]
         assert diff["open"]["difference"] == 100.0 and diff["open"]["seeds"] == [2, 2]
         assert diff["mc"]["difference"] == 100.0 and diff["pope_random"]["difference"] > 0
+        cells = summary[f"table_{split}"]
+        assert cells["htc"]["open"] == {"mean": 100.0, "ci95": [100.0, 100.0], "seeds": 2}
+        assert cells["voco"]["mc"]["mean"] == 0.0 and list(cells) == ["htc", "voco"]
+    assert len(workers) == 4  # nothing started again
 
 
 def test_side_by_side_runs_real_processes_with_their_env_and_names_the_one_that_failed(tmp_path):
@@ -768,10 +781,22 @@ def test_side_by_side_runs_real_processes_with_their_env_and_names_the_one_that_
     assert [(tmp_path / f"{n}.log").read_text() for n in "ab"] == ["7\n", "7\n"]
     assert said[:2] == [f"a: started beside 0 other(s) (log {tmp_path / 'a.log'})",
                         f"b: started beside 1 other(s) (log {tmp_path / 'b.log'})"]
-    slow = py("import time; time.sleep(60)")
+    # the slow job starts a child of its own (as a worker starts its training) and names it
+    slow = py("import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+              "print(c.pid, flush=True); time.sleep(60)")
     t0 = time.perf_counter()
     with pytest.raises(HTCError, match=f"bad failed \\(log: {tmp_path / 'bad.log'}\\)"):
-        side_by_side([("slow", slow, tmp_path / "slow.log"), ("bad", py("raise SystemExit(3)"), tmp_path / "bad.log")], 2)
+        side_by_side([("slow", slow, tmp_path / "slow.log"),
+                      ("bad", py("import time; time.sleep(2); raise SystemExit(3)"), tmp_path / "bad.log")], 2)
     assert time.perf_counter() - t0 < 30  # the slow one was stopped, not waited for
+    grandchild = int((tmp_path / "slow.log").read_text())
+    for _ in range(50):  # and its own child with it (a moment for the signal to land)
+        try:
+            os.kill(grandchild, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the failed job's neighbour left its child running")
     with pytest.raises(HTCError, match="--jobs must be at least 1"):
         side_by_side([], 0)

@@ -11,7 +11,8 @@ scores; per split, each method's mean over seeds with its 95% interval (Table 1 
 bootstrap over images and seeds that Table 1's intervals use), and the paired difference of the first
 two methods with its interval and two-sided p.
 
-    python benchmarks/equal_steps.py RUN [--methods htc voco] [--steps 3000] [--jobs 2] [--out RUN/equal-steps]
+    python benchmarks/equal_steps.py RUN [--methods htc voco] [--steps 3000] [--seeds 0 1 2] [--jobs 2]
+        [--out RUN/equal-steps]
 
 Each run trains and is scored in a process of its own on one thread (``OUT/<key>.log``); ``--jobs N`` runs
 N of them side by side. A finished run (``OUT/<key>/result.json``) is not trained or scored again, so a
@@ -39,15 +40,19 @@ from htc_vlm.reproduce import (FAMILY_BENCHMARKS, base_dir, compress_conversatio
 SPLITS = ("val", "test")
 
 
-def runs(run: Path, record: dict, methods: list[str], steps: int) -> list[dict]:
-    """Every Table 1 run of ``methods``: its key, seed, base and whether the run folder's own model
-    trained exactly ``steps`` steps (then it is scored, not trained again)."""
+def runs(run: Path, record: dict, methods: list[str], steps: int, seeds: list[int] | None = None) -> list[dict]:
+    """Every Table 1 run of ``methods`` (of ``seeds``, default all the run's): its key, seed, base and
+    whether the run folder's own model trained exactly ``steps`` steps (then it is scored, not trained
+    again)."""
     p = recorded_preset(record["preset"])
     if unknown := [m for m in methods if m not in table1_methods()]:
         raise SystemExit(f"not a trained method of Table 1: {', '.join(unknown)}; known: {', '.join(table1_methods())}")
+    if missing := [s for s in seeds or () if s not in p.seeds]:
+        raise SystemExit(f"the run has no Table 1 seed {', '.join(map(str, missing))}; its seeds: "
+                         f"{', '.join(map(str, p.seeds))}")
     out = []
     for m in methods:
-        for s in p.seeds:
+        for s in seeds or p.seeds:
             key = seed_key(m, s, p)
             if record["stages"].get(f"train/{key}", {}).get("status") != "done":
                 raise SystemExit(f"{run}: train/{key} is not done; finish the run first (htc-vlm reproduce)")
@@ -101,8 +106,9 @@ def side_by_side(run: Path, out: Path, jobs: list[dict], n: int, steps: int, con
     env = dict(os.environ) | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     todo = [j for j in jobs if not (out / j["key"] / "result.json").exists()]
     try:
-        processes.side_by_side([(j["key"], [sys.executable, __file__, str(run), "--methods", j["method"], "--key", j["key"],
-                                            "--steps", str(steps), "--out", str(out)], out / f"{j['key']}.log")
+        processes.side_by_side([(j["key"], [sys.executable, __file__, str(run), "--methods", j["method"], "--seeds",
+                                            str(j["seed"]), "--key", j["key"], "--steps", str(steps), "--out", str(out)],
+                                 out / f"{j['key']}.log")
                                 for j in todo], n, env=env, say=lambda msg: console.print(msg, highlight=False))
     except HTCError as e:
         raise SystemExit(str(e)) from None
@@ -139,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--methods", nargs="+", default=["htc", "voco"],
                     help="Table 1's trained methods; the first two are compared")
     ap.add_argument("--steps", type=int, default=None, help="steps of every run (default: the preset's step cap)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="Table 1 seeds (default: all the run's)")
     ap.add_argument("--jobs", type=int, default=1, help="runs trained side by side, one thread each")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--key", default=None, help=argparse.SUPPRESS)  # one run, in a worker process
@@ -151,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     if steps < p.compress_eval_steps:  # a run shorter than that has no validation loss to report
         raise SystemExit(f"--steps must be at least {p.compress_eval_steps} (the runs' evaluation interval), got {steps}")
     out = a.out or a.run / "equal-steps"
-    jobs = runs(a.run, record, a.methods, steps)
+    jobs = runs(a.run, record, a.methods, steps, a.seeds)
     if a.key:
         one(a.run, record, next(j for j in jobs if j["key"] == a.key), out / a.key, steps)
         return

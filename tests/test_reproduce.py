@@ -749,6 +749,9 @@ def test_equal_steps_retrains_table1_runs_to_the_same_length_and_compares_them_p
     assert not any(c.startswith(("optim.stop_when_flat", "optim.min_steps")) for c in cmd)
     own = json.loads((run / "equal-steps" / "voco-b1" / "result.json").read_text())
     assert own["model"] == str(run / "runs/voco-b1/model") and not own["trained"] and own["steps"] == 3000
+    assert [j["key"] for j in es.runs(run, record, ["htc", "voco"], 3000, [1])] == ["htc-b1-s1", "voco-b1-s1"]
+    with pytest.raises(SystemExit, match="the run has no Table 1 seed 5; its seeds: 0, 1"):
+        es.runs(run, record, ["htc"], 3000, [1, 5])
     with pytest.raises(SystemExit, match="not a trained method of Table 1: fastv; known: "):
         es.runs(run, record, ["htc", "fastv"], 3000)
     with pytest.raises(SystemExit, match="--steps must be at least 100"):

@@ -5,7 +5,8 @@
 steps (in the main job's run of session 31, HTC 1,500-2,000 and VoCo 2,400-3,000). This script trains each
 Table 1 run of the given methods again from its seed's base, with that run's seed and data order, for
 exactly ``--steps`` steps (no early stop; the preset's step cap by default), each on one thread as the
-run's workers do. A run of the folder that already trained exactly that long is taken as it is. Every
+run's workers do. At the cap a run retraces the main job's run up to where that one stopped; at another
+step count the warm-up (a share of the steps) differs. A run of the folder that already trained exactly that long is taken as it is. Every
 model is scored on each question family of the validation and test splits; the script prints each run's
 scores; per split, each method's mean over seeds with its 95% interval (Table 1 at equal steps, from the
 bootstrap over images and seeds that Table 1's intervals use), and the paired difference of the first

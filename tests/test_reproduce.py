@@ -88,6 +88,10 @@ def test_report_tables_retention_and_per_template(tmp_path):
     text, results = render(tmp_path, record)
     assert "| VoCo-LLaMA | 50.0 [47.5, 52.5] |" in text
     assert "| open | -1.25 | [-3.00, +0.50] | 0.200 | 0.25 |" in text
+    assert "HTC's runs trained 3000 steps and VoCo's 300. Their difference may be where the early stop fired" in text
+    record["stages"]["train/htc-b1"]["val_curve"]["final_step"] = 300
+    assert "HTC's runs trained 300 steps and VoCo's 300: equal training." in render(tmp_path, record)[0]
+    record["stages"]["train/htc-b1"]["val_curve"]["final_step"] = 3000
     assert "| voco-b1 | 300 | 0.4990 | 0.20% | yes |  |" in text and "Not flat (stopped by the step cap): htc-b1" in text
     falling = {"steps": list(range(100, 1100, 100)), "val_loss": [1.0 - 0.0001 * s for s in range(100, 1100, 100)]}
     record["stages"]["train/qformer-b1"] = {"status": "done", "val_curve": curve | falling | {"final_step": 1000}}

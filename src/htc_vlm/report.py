@@ -9,6 +9,7 @@ the upper bound does not beat the lower bound has no retention and is left out o
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from dataclasses import asdict
 from pathlib import Path
@@ -67,6 +68,22 @@ def _num_patches(out: Path) -> int | None:
 
 def _ci(c: dict | None) -> str:
     return "" if not c else f"{c['mean']:.1f} [{c['ci95'][0]:.1f}, {c['ci95'][1]:.1f}]"
+
+
+def _steps_note(record: dict) -> list[str]:
+    """How many steps HTC's and VoCo's Table 1 runs trained: the early stop may give them unequal training,
+    and then their difference may be where the stop fired (docs/results.md, session 32)."""
+    steps = {m: [st["val_curve"]["final_step"] for name, st in sorted(record["stages"].items())
+                 if re.fullmatch(rf"train/{m}-b1(-s\d+)?", name) and isinstance(st.get("val_curve"), dict)]
+             for m in ("htc", "voco")}
+    if not (steps["htc"] and steps["voco"]):
+        return []
+    said = f"HTC's runs trained {' / '.join(map(str, steps['htc']))} steps and VoCo's {' / '.join(map(str, steps['voco']))}"
+    if sorted(set(steps["htc"] + steps["voco"])) == [steps["htc"][0]]:
+        return ["", f"{said}: equal training."]
+    return ["", f"{said}. Their difference may be where the early stop fired rather than the methods: "
+                "`python benchmarks/equal_steps.py RUN --jobs 2` trains both to the same step count and "
+                "compares them (docs/results.md)."]
 
 
 def _intervals_section(iv: dict, fams: list[str]) -> list[str]:
@@ -200,7 +217,7 @@ def _table1_section(out: Path, record: dict, rows: _Rows) -> tuple[list[str], di
     lines.append("")
     iv = _done(record, "table1/intervals")
     if iv:
-        lines += _intervals_section(iv, fams)
+        lines += _intervals_section(iv, fams)[:-1] + _steps_note(record) + [""]
         results["table1_intervals"] = {"cells": iv["cells"], "htc_minus_voco": iv["htc_minus_voco"]}
     return lines, results
 

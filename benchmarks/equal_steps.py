@@ -6,8 +6,9 @@ steps (in the main job's run of session 31, HTC 1,500-2,000 and VoCo 2,400-3,000
 Table 1 run of the given methods again from its seed's base, with that run's seed and data order, for
 exactly ``--steps`` steps (no early stop; the preset's step cap by default), each on one thread as the
 run's workers do. At the cap a run retraces the main job's run up to where that one stopped; at another
-step count the warm-up (a share of the steps) differs. A run of the folder that already trained exactly that long is taken as it is. Every
-model is scored on each question family of the validation and test splits; the script prints each run's
+step count the warm-up (a share of the steps) differs. A run of the folder that already trained exactly
+that long is taken as it is. Every model is scored on each question family of the validation and test
+splits; the script prints each run's
 scores; per split, each method's mean over seeds with its 95% interval (Table 1 at equal steps, from the
 bootstrap over images and seeds that Table 1's intervals use), and the paired difference of the first
 two methods with its interval and two-sided p.
@@ -35,8 +36,8 @@ from rich.table import Table
 
 from htc_vlm import processes
 from htc_vlm.errors import HTCError
-from htc_vlm.reproduce import (FAMILY_BENCHMARKS, base_dir, compress_conversations, evaluate_families, predictions,
-                               recorded_preset, seed_key, table1_methods)
+from htc_vlm.reproduce import (FAMILY_BENCHMARKS, base_dir, compress_overrides, data_overrides, evaluate_families,
+                               predictions, recorded_preset, seed_key, table1_methods)
 
 SPLITS = ("val", "test")
 
@@ -65,14 +66,9 @@ def runs(run: Path, record: dict, methods: list[str], steps: int, seeds: list[in
 
 def train_command(run: Path, record: dict, job: dict, out: Path, steps: int) -> list[str]:
     """``reproduce``'s command for this Table 1 run (``_train_experiment``), without its early stop."""
-    p, sc = recorded_preset(record["preset"]), run / "scenes"
-    conv = compress_conversations(p)
-    return ["htc-vlm", "train", "--config", "tiny", "--method", job["method"], "--budget", "1",
-            f"output_dir={out}", f"data.images={sc / 'images'}", f"data.tokenizer={sc / 'tokenizer'}",
-            f"data.features={run / 'features.safetensors'}", f"model.init={job['init']}",
-            f"data.conversations={sc / 'train' / conv}", f"data.val_conversations={sc / 'val' / conv}",
-            f"data.val_items={p.compress_val_items}", f"optim.max_steps={steps}",
-            f"optim.eval_steps={p.compress_eval_steps}", f"optim.seed={job['seed']}"]
+    p = recorded_preset(record["preset"])
+    return ["htc-vlm", "train", "--config", "tiny", "--method", job["method"], "--budget", "1", f"output_dir={out}",
+            *data_overrides(run), *compress_overrides(run, p, job["init"], job["seed"], steps, early_stop=False)]
 
 
 def one(run: Path, record: dict, job: dict, out: Path, steps: int) -> dict:
@@ -83,13 +79,14 @@ def one(run: Path, record: dict, job: dict, out: Path, steps: int) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     model = run / "runs" / job["key"] / "model" if job["own"] else out / "model"
     curve_file, train_s = model / "val_curve.json", None
-    if not (curve_file.exists() and json.loads(curve_file.read_text())["final_step"] == steps):
+    curve = json.loads(curve_file.read_text()) if curve_file.exists() else None
+    if not curve or curve["final_step"] != steps:
         t0 = time.perf_counter()
         with open(out / "train.log", "w") as f:
             if subprocess.run(train_command(run, record, job, out, steps), stdout=f, stderr=subprocess.STDOUT).returncode:
                 raise SystemExit(f"{job['key']}: training failed (log: {out / 'train.log'})")
         train_s = round(time.perf_counter() - t0, 1)
-    curve = json.loads(curve_file.read_text())
+        curve = json.loads(curve_file.read_text())
     result = {"key": job["key"], "method": job["method"], "seed": job["seed"], "steps": curve["final_step"],
               "best_val_loss": round(min(curve["val_loss"]), 4), "model": str(model), "trained": not job["own"],
               "train_seconds": train_s}  # None: trained before this call (the run's own, or a stopped call's)

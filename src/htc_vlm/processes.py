@@ -16,7 +16,8 @@ def side_by_side(jobs: list[tuple[str, list[str], Path]], n: int, env: dict | No
                  say: Callable[[str], None] = print) -> None:
     """Run every ``(name, command, log)`` job, ``n`` at a time, each writing its output to its log.
     A job that exits non-zero stops the others (each job and what it started: a process group of its
-    own) and raises :class:`HTCError` naming it and its log; Ctrl-C stops them all too. What the finished jobs wrote stays, so the caller may resume."""
+    own) and raises :class:`HTCError` naming it and its log; Ctrl-C stops them all too. What the finished
+    jobs wrote stays, so the caller may resume."""
     if n < 1:
         raise HTCError(f"--jobs must be at least 1, got {n}")
     todo, running = list(jobs), []  # running: (name, process, log)

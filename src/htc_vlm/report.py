@@ -9,7 +9,6 @@ the upper bound does not beat the lower bound has no retention and is left out o
 from __future__ import annotations
 
 import json
-import re
 import statistics
 from dataclasses import asdict
 from pathlib import Path
@@ -70,23 +69,26 @@ def _ci(c: dict | None) -> str:
     return "" if not c else f"{c['mean']:.1f} [{c['ci95'][0]:.1f}, {c['ci95'][1]:.1f}]"
 
 
-def _steps_note(record: dict) -> list[str]:
+def _steps_note(record: dict, seeds: list[int]) -> list[str]:
     """How many steps HTC's and VoCo's Table 1 runs trained: the early stop may give them unequal training,
     and then their difference may be where the stop fired (docs/results.md, session 32)."""
-    steps = {m: [st["val_curve"]["final_step"] for name, st in sorted(record["stages"].items())
-                 if re.fullmatch(rf"train/{m}-b1(-s\d+)?", name) and isinstance(st.get("val_curve"), dict)]
+    from .reproduce import recorded_preset, seed_key
+
+    p = recorded_preset(record["preset"])
+    steps = {m: [c["final_step"] for s in seeds
+                 if isinstance(c := record["stages"].get(f"train/{seed_key(m, s, p)}", {}).get("val_curve"), dict)]
              for m in ("htc", "voco")}
     if not (steps["htc"] and steps["voco"]):
         return []
     said = f"HTC's runs trained {' / '.join(map(str, steps['htc']))} steps and VoCo's {' / '.join(map(str, steps['voco']))}"
-    if sorted(set(steps["htc"] + steps["voco"])) == [steps["htc"][0]]:
+    if len(set(steps["htc"] + steps["voco"])) == 1:
         return ["", f"{said}: equal training."]
     return ["", f"{said}. Their difference may be where the early stop fired rather than the methods: "
                 "`python benchmarks/equal_steps.py RUN --jobs 2` trains both to the same step count and "
                 "compares them (docs/results.md)."]
 
 
-def _intervals_section(iv: dict, fams: list[str]) -> list[str]:
+def _intervals_section(iv: dict, fams: list[str], record: dict) -> list[str]:
     labels = {"upper": "upper bound", "lower": "lower bound"} | {k.split("-")[0]: v for k, v in table1_rows()[2:]}
     bases = ("each seed with its own base model: the bounds are one model per seed, and every one-token run "
              "compressed its seed's base" if iv.get("base_per_seed") else
@@ -107,7 +109,7 @@ def _intervals_section(iv: dict, fams: list[str]) -> list[str]:
             x = d[f]
             lines.append(f"| {f} | {x['difference']:+.2f} | [{x['ci95'][0]:+.2f}, {x['ci95'][1]:+.2f}] | "
                          f"{x['p_bootstrap']:.3f} | {x.get('p_sign_flip', '')} |")
-    return lines + [""]
+    return lines + _steps_note(record, iv["seeds"]) + [""]
 
 
 def _convergence_section(out: Path, record: dict, rows: "_Rows | None" = None) -> tuple[list[str], dict]:
@@ -217,7 +219,7 @@ def _table1_section(out: Path, record: dict, rows: _Rows) -> tuple[list[str], di
     lines.append("")
     iv = _done(record, "table1/intervals")
     if iv:
-        lines += _intervals_section(iv, fams)[:-1] + _steps_note(record) + [""]
+        lines += _intervals_section(iv, fams, record)
         results["table1_intervals"] = {"cells": iv["cells"], "htc_minus_voco": iv["htc_minus_voco"]}
     return lines, results
 

@@ -277,15 +277,20 @@ def _stage_scenes(root: Path, preset: RunPreset) -> dict:
     return {"outputs": str(root / "scenes"), "command": cmd, "questions": meta["questions"]}
 
 
+def data_overrides(root: Path) -> list[str]:
+    """The ``htc-vlm train`` overrides every stage of a run gives: its images, tokenizer and discrete latents."""
+    sc = root / "scenes"
+    return [f"data.images={sc / 'images'}", f"data.tokenizer={sc / 'tokenizer'}",
+            f"data.features={root / 'features.safetensors'}"]
+
+
 def _train(root: Path, stage: str, out: str, *extra: str, method: str | None = None,
            budget: int = 1) -> dict:
     from .methods import get_method
     from .training.config import load_config
     from .training.run import train
 
-    sc = root / "scenes"
-    overrides = [f"output_dir={root / out}", f"data.images={sc / 'images'}",
-                 f"data.tokenizer={sc / 'tokenizer'}", f"data.features={root / 'features.safetensors'}", *extra]
+    overrides = [f"output_dir={root / out}", *data_overrides(root), *extra]
     head = ["stage=compress", *get_method(method).train_overrides(budget)] if method else [f"stage={stage}"]
     model = train(load_config("tiny", head + overrides))
     flags = f"--method {method} --budget {budget} " if method else f"stage={stage} "
@@ -394,20 +399,24 @@ def compress_conversations(preset: RunPreset) -> str:
     return WITHOUT_LOOKUPS if preset.lookups else "conversations.json"
 
 
+def compress_overrides(root: Path, preset: RunPreset, init: Path, seed: int, max_steps: int | None = None,
+                       early_stop: bool = True) -> list[str]:
+    """A compression run's overrides after the data: the base it starts from, its conversations and validation,
+    its steps (the preset's cap by default) and, with ``early_stop``, the stop once the validation loss is flat."""
+    from .training.plateau import FLAT_TOLERANCE
+
+    sc, conv = root / "scenes", compress_conversations(preset)
+    stop = [f"optim.stop_when_flat={FLAT_TOLERANCE}", f"optim.min_steps={preset.compress_min_steps}"] if early_stop else []
+    return [f"model.init={init}", f"data.conversations={sc / 'train' / conv}", f"data.val_conversations={sc / 'val' / conv}",
+            f"data.val_items={preset.compress_val_items}", f"optim.max_steps={max_steps or preset.compress_max_steps}",
+            f"optim.eval_steps={preset.compress_eval_steps}", *stop, f"optim.seed={seed}"]
+
+
 def _train_experiment(e: Experiment) -> Callable:
     def run(root: Path, preset: RunPreset) -> dict:
-        from .training.plateau import FLAT_TOLERANCE
-
-        sc = root / "scenes"
         init = base_dir(root, preset, e.seed) / "instruct" / "model"
-        conv = compress_conversations(preset)
-        summary = _train(root, "compress", f"runs/{e.key}", f"model.init={init}",
-                         f"data.conversations={sc / 'train' / conv}",
-                         f"data.val_conversations={sc / 'val' / conv}",
-                         f"data.val_items={preset.compress_val_items}",
-                         f"optim.max_steps={preset.compress_max_steps}", f"optim.eval_steps={preset.compress_eval_steps}",
-                         f"optim.stop_when_flat={FLAT_TOLERANCE}", f"optim.min_steps={preset.compress_min_steps}",
-                         f"optim.seed={e.seed}", *e.extra, method=e.method, budget=e.budget)
+        summary = _train(root, "compress", f"runs/{e.key}", *compress_overrides(root, preset, init, e.seed), *e.extra,
+                         method=e.method, budget=e.budget)
         curve = json.loads((Path(summary["outputs"]) / "val_curve.json").read_text())
         return summary | {"val_curve": curve}
     return run

@@ -1,8 +1,9 @@
 """Table 1's trained one-token methods compared at the same number of training steps.
 
-``htc-vlm reproduce`` stops each compression run once its validation loss looks flat
-(``training/plateau.py``), so the runs that Table 1 compares may have trained for different numbers of
-steps (in the main job's run of session 31, HTC 1,500-2,000 and VoCo 2,400-3,000). This script trains each
+Up to session 32 ``htc-vlm reproduce`` stopped each compression run once its validation loss looked flat
+(``training/plateau.py``; a run folder of that recipe still does), so the runs that Table 1 compares may have
+trained for different numbers of steps (in the main job's run of session 31, HTC 1,500-2,000 and VoCo
+2,400-3,000); today's preset trains each the same number of steps. This script trains each
 Table 1 run of the given methods again from its seed's base, with that run's seed and data order, for
 exactly ``--steps`` steps (no early stop; the preset's step cap by default), each on one thread as the
 run's workers do. At the cap a run retraces the main job's run up to where that one stopped; at another
@@ -14,7 +15,10 @@ bootstrap over images and seeds that Table 1's intervals use), and the paired di
 two methods with its interval and two-sided p.
 
     python benchmarks/equal_steps.py RUN [--methods htc voco] [--steps 3000] [--seeds 0 1 2] [--jobs 2]
-        [--out RUN/equal-steps]
+        [--set optim.lr_scheduler_type=cosine ...] [--out RUN/equal-steps]
+
+``--set KEY=VALUE`` adds training overrides after the run's own (another schedule or learning rate for
+every run, to choose a recipe on the validation split); with ``--set`` every run is trained again.
 
 Each run trains and is scored in a process of its own on one thread (``OUT/<key>.log``); ``--jobs N`` runs
 N of them side by side. A finished run (``OUT/<key>/result.json``) is not trained or scored again, so a
@@ -42,10 +46,11 @@ from htc_vlm.reproduce import (FAMILY_BENCHMARKS, base_dir, compress_overrides, 
 SPLITS = ("val", "test")
 
 
-def runs(run: Path, record: dict, methods: list[str], steps: int, seeds: list[int] | None = None) -> list[dict]:
+def runs(run: Path, record: dict, methods: list[str], steps: int, seeds: list[int] | None = None,
+         overrides: list[str] = ()) -> list[dict]:
     """Every Table 1 run of ``methods`` (of ``seeds``, default all the run's): its key, seed, base and
-    whether the run folder's own model trained exactly ``steps`` steps (then it is scored, not trained
-    again)."""
+    whether the run folder's own model trained exactly ``steps`` steps with no ``overrides`` (then it is
+    scored, not trained again)."""
     p = recorded_preset(record["preset"])
     if unknown := [m for m in methods if m not in table1_methods()]:
         raise SystemExit(f"not a trained method of Table 1: {', '.join(unknown)}; known: {', '.join(table1_methods())}")
@@ -60,18 +65,20 @@ def runs(run: Path, record: dict, methods: list[str], steps: int, seeds: list[in
                 raise SystemExit(f"{run}: train/{key} is not done; finish the run first (htc-vlm reproduce)")
             curve = json.loads((run / "runs" / key / "model" / "val_curve.json").read_text())
             out.append({"key": key, "method": m, "seed": s, "init": base_dir(run, p, s) / "instruct" / "model",
-                        "own": curve["final_step"] == steps})
+                        "own": curve["final_step"] == steps and not overrides})
     return out
 
 
-def train_command(run: Path, record: dict, job: dict, out: Path, steps: int) -> list[str]:
-    """``reproduce``'s command for this Table 1 run (``_train_experiment``), without its early stop."""
+def train_command(run: Path, record: dict, job: dict, out: Path, steps: int, overrides: list[str] = ()) -> list[str]:
+    """``reproduce``'s command for this Table 1 run (``_train_experiment``), without its early stop, then
+    ``overrides``."""
     p = recorded_preset(record["preset"])
     return ["htc-vlm", "train", "--config", "tiny", "--method", job["method"], "--budget", "1", f"output_dir={out}",
-            *data_overrides(run), *compress_overrides(run, p, job["init"], job["seed"], steps, early_stop=False)]
+            *data_overrides(run), *compress_overrides(run, p, job["init"], job["seed"], steps, early_stop=False),
+            *overrides]
 
 
-def one(run: Path, record: dict, job: dict, out: Path, steps: int) -> dict:
+def one(run: Path, record: dict, job: dict, out: Path, steps: int, overrides: list[str] = ()) -> dict:
     """Train (unless the run's own model is that long) and score one run, on this process's threads."""
     done = out / "result.json"
     if done.exists():
@@ -83,13 +90,13 @@ def one(run: Path, record: dict, job: dict, out: Path, steps: int) -> dict:
     if not curve or curve["final_step"] != steps:
         t0 = time.perf_counter()
         with open(out / "train.log", "w") as f:
-            if subprocess.run(train_command(run, record, job, out, steps), stdout=f, stderr=subprocess.STDOUT).returncode:
+            if subprocess.run(train_command(run, record, job, out, steps, overrides), stdout=f, stderr=subprocess.STDOUT).returncode:
                 raise SystemExit(f"{job['key']}: training failed (log: {out / 'train.log'})")
         train_s = round(time.perf_counter() - t0, 1)
         curve = json.loads(curve_file.read_text())
     result = {"key": job["key"], "method": job["method"], "seed": job["seed"], "steps": curve["final_step"],
               "best_val_loss": round(min(curve["val_loss"]), 4), "model": str(model), "trained": not job["own"],
-              "train_seconds": train_s}  # None: trained before this call (the run's own, or a stopped call's)
+              "train_seconds": train_s, "overrides": list(overrides)}  # seconds None: trained before this call
     for split in SPLITS:
         got = evaluate_families(run, job["key"], model, "model", None, tuple(FAMILY_BENCHMARKS), split,
                                 out=out / f"eval-{split}")
@@ -98,14 +105,15 @@ def one(run: Path, record: dict, job: dict, out: Path, steps: int) -> dict:
     return result
 
 
-def side_by_side(run: Path, out: Path, jobs: list[dict], n: int, steps: int, console) -> None:
+def side_by_side(run: Path, out: Path, jobs: list[dict], n: int, steps: int, console, overrides: list[str] = ()) -> None:
     """Each unfinished run in a process of its own (this script with ``--key``), ``n`` at a time, one
     thread each; a failure stops the others (a rerun resumes what finished)."""
     env = dict(os.environ) | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     todo = [j for j in jobs if not (out / j["key"] / "result.json").exists()]
     try:
         processes.side_by_side([(j["key"], [sys.executable, __file__, str(run), "--methods", j["method"], "--seeds",
-                                            str(j["seed"]), "--key", j["key"], "--steps", str(steps), "--out", str(out)],
+                                            str(j["seed"]), "--key", j["key"], "--steps", str(steps), "--out", str(out),
+                                            *(a for o in overrides for a in ("--set", o))],
                                  out / f"{j['key']}.log")
                                 for j in todo], n, env=env, say=lambda msg: console.print(msg, highlight=False))
     except HTCError as e:
@@ -145,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=None, help="steps of every run (default: the preset's step cap)")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="Table 1 seeds (default: all the run's)")
     ap.add_argument("--jobs", type=int, default=1, help="runs trained side by side, one thread each")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="a training override added after the run's own (repeatable); every run is trained again")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--key", default=None, help=argparse.SUPPRESS)  # one run, in a worker process
     a = ap.parse_args(argv)
@@ -156,15 +166,17 @@ def main(argv: list[str] | None = None) -> None:
     if steps < p.compress_eval_steps:  # a run shorter than that has no validation loss to report
         raise SystemExit(f"--steps must be at least {p.compress_eval_steps} (the runs' evaluation interval), got {steps}")
     out = a.out or a.run / "equal-steps"
-    jobs = runs(a.run, record, a.methods, steps, a.seeds)
+    if bad := [o for o in a.overrides if "=" not in o or o.startswith("=")]:
+        raise SystemExit(f"--set takes KEY=VALUE, got {', '.join(map(repr, bad))}")
+    jobs = runs(a.run, record, a.methods, steps, a.seeds, a.overrides)
     if a.key:
-        one(a.run, record, next(j for j in jobs if j["key"] == a.key), out / a.key, steps)
+        one(a.run, record, next(j for j in jobs if j["key"] == a.key), out / a.key, steps, a.overrides)
         return
     console = Console(width=None if sys.stdout.isatty() else 140)  # a log file keeps whole rows
-    side_by_side(a.run, out, jobs, a.jobs, steps, console)
+    side_by_side(a.run, out, jobs, a.jobs, steps, console, a.overrides)
     results = [json.loads((out / j["key"] / "result.json").read_text()) for j in jobs]
     t = Table("run", "steps", "best val loss", "val open", "test open", "test POPE F1 r / p / a", "test MME",
-              "test MC", "train s", title=f"Table 1's runs at {steps} steps each")
+              "test MC", "train s", title=f"Table 1's runs at {steps} steps each" + (f" with {' '.join(a.overrides)}" if a.overrides else ""))
     for r in results:
         te = r["test"]
         pope = " / ".join(f"{te[f'pope_{k}']:.1f}" for k in ("random", "popular", "adversarial"))
@@ -172,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"{te['open']:.1f}", pope, f"{te['mme']:.0f}", f"{te['mc']:.1f}",
                   "run's own" if not r["trained"] else "-" if r["train_seconds"] is None else f"{r['train_seconds']:.0f}")
     console.print(t)
-    summary = {"steps": steps, "runs": results}
+    summary = {"steps": steps, "overrides": a.overrides, "runs": results}
     for split in SPLITS:
         cells = summary[f"table_{split}"] = table(a.run, out, jobs, split)
         t = Table("method", *FAMILY_BENCHMARKS,

@@ -98,6 +98,11 @@ def test_report_tables_retention_and_per_template(tmp_path):
     text, _ = render(tmp_path, record)
     assert "| qformer-b1 | 1000 | 0.9000 | 0.20% | yes | +2.2% ± 0.0 |" in text
     assert "Still falling by the trend (more than 1% by two standard errors): qformer-b1." in text
+    assert "stops once the best loss of the last 20% of its steps improved by less than 1%" in text  # an old record
+    record["preset"] |= {"compress_early_stop": False, "compress_max_steps": 3000}  # every run to the same step
+    text, _ = render(tmp_path, record)
+    assert "Each run trains 3000 steps, evaluating its loss" in text and "stops once" not in text
+    assert "**Not flat: htc-b1.**" in text
     assert (tmp_path / "val_curves.png").exists()
 
 
@@ -247,6 +252,11 @@ def test_a_compression_stage_asks_for_a_converged_run(tmp_path, monkeypatch):
     e = next(x for x in rp.experiments(p) if x.key == "htc-b1-s1")
     summary = rp._train_experiment(e)(tmp_path, p)
     assert seen["stage"] == "compress" and seen["method"] == "htc" and seen["out"] == "runs/htc-b1-s1"
+    # the tiny preset trains every run the same number of steps; a run folder from before stopped early
+    assert {"optim.max_steps=3000", "optim.seed=1"} <= set(seen["extra"]) and p.compress_max_steps == 3000
+    assert not any(x.startswith(("optim.stop_when_flat", "optim.min_steps")) for x in seen["extra"])
+    older = rp.recorded_preset({k: v for k, v in rp.asdict(p).items() if k != "compress_early_stop"})
+    rp._train_experiment(e)(tmp_path, older)
     for want in ("optim.stop_when_flat=0.01", f"optim.min_steps={p.compress_min_steps}",
                  f"optim.max_steps={p.compress_max_steps}", "optim.seed=1"):
         assert want in seen["extra"]
@@ -334,7 +344,7 @@ def test_letter_epochs_give_every_base_a_first_instruct_stage_on_letter_answers(
     assert (out / "scenes" / "train" / LETTER_FORM).exists()
     assert main(["reproduce", "--quick", "--out", str(out), "--only", "scenes", "--lookups", "1",
                  "--letter-epochs", "0"]) == 2
-    assert "with other settings" in capsys.readouterr().err
+    assert "with other settings (letter_epochs 1.0 (now 0.0), replay_verification True (now False))" in capsys.readouterr().err
     assert main(["reproduce", "--quick", "--out", str(tmp_path / "x"), "--mc-form", "letter", "--lookups", "0",
                  "--letter-epochs", "2"]) == 2
     assert "--letter-epochs needs --mc-form content-letter or --lookups" in capsys.readouterr().err
@@ -760,6 +770,16 @@ def test_equal_steps_retrains_table1_runs_to_the_same_length_and_compares_them_p
         es.runs(run, record, ["htc", "fastv"], 3000)
     with pytest.raises(SystemExit, match="--steps must be at least 100"):
         es.main([str(run), "--steps", "50"])
+    # --set: the overrides follow the run's own, reach the workers, and no run is taken as the run's own
+    with pytest.raises(SystemExit, match="--set takes KEY=VALUE, got 'cosine'"):
+        es.main([str(run), "--set", "cosine"])
+    assert not any(j["own"] for j in es.runs(run, record, ["voco"], 3000, overrides=["optim.learning_rate=1e-3"]))
+    es.main([str(run), "--methods", "voco", "--seeds", "0", "--set", "optim.lr_scheduler_type=cosine",
+             "--set", "optim.learning_rate=1e-3", "--out", str(tmp_path / "cosine")])
+    assert trained[-1][-2:] == ["optim.lr_scheduler_type=cosine", "optim.learning_rate=1e-3"]
+    assert f"output_dir={tmp_path / 'cosine' / 'voco-b1'}" in trained[-1]
+    assert json.loads((tmp_path / "cosine" / "equal_steps.json").read_text())["overrides"][1] == "optim.learning_rate=1e-3"
+    del trained[-1], workers[-1]
     es.main([str(run), "--steps", "3000"])  # every run finished: no worker starts, the comparison is printed
     summary = json.loads((run / "equal-steps" / "equal_steps.json").read_text())
     for split in ("val", "test"):

@@ -120,10 +120,14 @@ def _convergence_section(out: Path, record: dict, rows: "_Rows | None" = None) -
     _plot_val_curves(out, runs)
     capped = [k for k, c in runs.items() if not c["flat"]]
     rule = next(iter(runs.values()))  # window and tolerance: the same for every run of a preset
-    lines = ["## Convergence of the compression runs", "",
-             "Each run evaluates its loss on the validation conversations and stops once the best loss of the last "
-             f"{100 * rule['window']:.0f}% of its steps improved by less than "
-             f"{100 * rule['tolerance']:.0f}% (relative).", "",
+    flat = (f"the best loss of the last {100 * rule['window']:.0f}% of its steps improved by less than "
+            f"{100 * rule['tolerance']:.0f}% (relative)")
+    early = record["preset"].get("compress_early_stop", True)  # a record older than the field stopped early
+    how = (f"Each run evaluates its loss on the validation conversations and stops once {flat}." if early else
+           f"Each run trains {record['preset']['compress_max_steps']} steps, evaluating its loss on the validation "
+           f"conversations; it is flat when {flat}. No run stops early: the test reads noise, and stopping on it "
+           "gave the methods unequal training (docs/LOG.md, session 32).")
+    lines = ["## Convergence of the compression runs", "", how, "",
              "![validation curves](val_curves.png)", "",
              "The best-loss test reads noise (one evaluation moves 1-4% from the next), so the table also gives "
              "the gain a least-squares line through the evaluations of the last "
@@ -141,7 +145,7 @@ def _convergence_section(out: Path, record: dict, rows: "_Rows | None" = None) -
                      f"{'' if gain is None else f'{100 * gain:.2f}%'} | {'yes' if c['flat'] else '**no**'} | "
                      f"{'' if trend is None else f'{100 * trend[0]:+.1f}% ± {100 * trend[1]:.1f}'} |")
     if capped:
-        lines += ["", f"**Not flat (stopped by the step cap): {', '.join(capped)}.**"]
+        lines += ["", f"**Not flat{' (stopped by the step cap)' if early else ''}: {', '.join(capped)}.**"]
     if falling:
         lines += ["", f"**Still falling by the trend (more than {100 * rule['tolerance']:.0f}% "
                       f"by two standard errors): {', '.join(falling)}.**"]

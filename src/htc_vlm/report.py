@@ -122,9 +122,12 @@ def _convergence_section(out: Path, record: dict, rows: "_Rows | None" = None) -
     rule = next(iter(runs.values()))  # window and tolerance: the same for every run of a preset
     flat = (f"the best loss of the last {100 * rule['window']:.0f}% of its steps improved by less than "
             f"{100 * rule['tolerance']:.0f}% (relative)")
-    early = record["preset"].get("compress_early_stop", True)  # a record older than the field stopped early
+    from .reproduce import recorded_preset
+
+    p = recorded_preset(record["preset"])  # a record older than compress_early_stop takes its default: it stopped early
+    early = p.compress_early_stop
     how = (f"Each run evaluates its loss on the validation conversations and stops once {flat}." if early else
-           f"Each run trains {record['preset']['compress_max_steps']} steps, evaluating its loss on the validation "
+           f"Each run trains {p.compress_max_steps} steps, evaluating its loss on the validation "
            f"conversations; it is flat when {flat}. No run stops early: the test reads noise, and stopping on it "
            "gave the methods unequal training (docs/LOG.md, session 32).")
     lines = ["## Convergence of the compression runs", "", how, "",

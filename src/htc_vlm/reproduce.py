@@ -682,8 +682,8 @@ def run(out: Path, preset: str = "tiny", quick: bool = False, only: list[str] | 
     # a setting added since the record was written takes its default (an older run folder resumes)
     defaults = {f.name: f.default for f in fields(RunPreset) if f.default is not MISSING}
     fixed = lambda d: {k: v for k, v in (defaults | d).items() if k not in EXTENSIBLE}  # noqa: E731
-    if fixed(record["preset"]) != fixed(this):
-        was, now = fixed(record["preset"]), fixed(this)
+    was, now = fixed(record["preset"]), fixed(this)
+    if was != now:
         other = ", ".join(f"{k} {was.get(k)!r} (now {now.get(k)!r})" for k in sorted(was | now) if was.get(k) != now.get(k))
         raise HTCError(f"{out} holds a run of preset {record['preset']['name']!r} with other settings ({other}); "
                        f"resume it with the same options, or start fresh with another --out or after deleting {out}")

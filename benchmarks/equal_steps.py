@@ -6,23 +6,24 @@ trained for different numbers of steps (in the main job's run of session 31, HTC
 2,400-3,000); today's preset trains each the same number of steps. This script trains each
 Table 1 run of the given methods again from its seed's base, with that run's seed and data order, for
 exactly ``--steps`` steps (no early stop; the preset's step cap by default), each on one thread as the
-run's workers do. At the cap a run retraces the main job's run up to where that one stopped; at another
-step count the warm-up (a share of the steps) differs. A run of the folder that already trained exactly
-that long is taken as it is. Every model is scored on each question family of the validation and test
-splits; the script prints each run's
-scores; per split, each method's mean over seeds with its 95% interval (Table 1 at equal steps, from the
-bootstrap over images and seeds that Table 1's intervals use), and the paired difference of the first
-two methods with its interval and two-sided p.
+run's workers do (``--threads 2``: on two, other rounding, to check that a result is not one rounding's).
+At the cap a run retraces the main job's run up to where that one stopped; at another step count the
+warm-up (a share of the steps) differs. A run of the folder that already trained exactly that long (on
+as many threads) is taken as it is. Every model is scored on each question family of the validation and
+test splits; the script prints each run's scores; per split, each method's mean over seeds with its 95%
+interval (Table 1 at equal steps, from the bootstrap over images and seeds that Table 1's intervals use),
+and the paired difference of the first two methods with its interval and two-sided p.
 
     python benchmarks/equal_steps.py RUN [--methods htc voco] [--steps 3000] [--seeds 0 1 2] [--jobs 2]
-        [--set optim.lr_scheduler_type=cosine ...] [--out RUN/equal-steps]
+        [--threads 1] [--set optim.lr_scheduler_type=cosine ...] [--out RUN/equal-steps]
 
 ``--set KEY=VALUE`` adds training overrides after the run's own (another schedule or learning rate for
 every run, to choose a recipe on the validation split); with ``--set`` every run is trained again.
 
-Each run trains and is scored in a process of its own on one thread (``OUT/<key>.log``); ``--jobs N`` runs
-N of them side by side. A finished run (``OUT/<key>/result.json``) is not trained or scored again, so a
-stopped call resumes.
+Each run trains and is scored in a process of its own on ``--threads`` threads (``OUT/<key>.log``);
+``--jobs N`` runs N of them side by side. A finished run (``OUT/<key>/result.json``) is not trained or scored
+again, so a stopped call resumes; a call with other steps, threads or overrides than those ``OUT/<key>``
+was made with is refused (give it another ``--out``).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from htc_vlm import processes
+from htc_vlm import machine, processes
 from htc_vlm.errors import HTCError
 from htc_vlm.reproduce import (FAMILY_BENCHMARKS, base_dir, compress_overrides, data_overrides, evaluate_families,
                                predictions, recorded_preset, seed_key, table1_methods)
@@ -47,10 +48,10 @@ SPLITS = ("val", "test")
 
 
 def runs(run: Path, record: dict, methods: list[str], steps: int, seeds: list[int] | None = None,
-         overrides: list[str] = ()) -> list[dict]:
+         overrides: list[str] = (), threads: int = 1) -> list[dict]:
     """Every Table 1 run of ``methods`` (of ``seeds``, default all the run's): its key, seed, base and
-    whether the run folder's own model trained exactly ``steps`` steps with no ``overrides`` (then it is
-    scored, not trained again)."""
+    whether the run folder's own model trained exactly ``steps`` steps on ``threads`` threads with no
+    ``overrides`` (then it is scored, not trained again)."""
     p = recorded_preset(record["preset"])
     if unknown := [m for m in methods if m not in table1_methods()]:
         raise SystemExit(f"not a trained method of Table 1: {', '.join(unknown)}; known: {', '.join(table1_methods())}")
@@ -61,11 +62,12 @@ def runs(run: Path, record: dict, methods: list[str], steps: int, seeds: list[in
     for m in methods:
         for s in seeds or p.seeds:
             key = seed_key(m, s, p)
-            if record["stages"].get(f"train/{key}", {}).get("status") != "done":
+            stage = record["stages"].get(f"train/{key}", {})
+            if stage.get("status") != "done":
                 raise SystemExit(f"{run}: train/{key} is not done; finish the run first (htc-vlm reproduce)")
             curve = json.loads((run / "runs" / key / "model" / "val_curve.json").read_text())
             out.append({"key": key, "method": m, "seed": s, "init": base_dir(run, p, s) / "instruct" / "model",
-                        "own": curve["final_step"] == steps and not overrides})
+                        "own": curve["final_step"] == steps and not overrides and stage.get("threads", 1) == threads})
     return out
 
 
@@ -78,12 +80,13 @@ def train_command(run: Path, record: dict, job: dict, out: Path, steps: int, ove
             *overrides]
 
 
-def one(run: Path, record: dict, job: dict, out: Path, steps: int, overrides: list[str] = ()) -> dict:
+def one(run: Path, record: dict, job: dict, out: Path, steps: int, overrides: list[str] = (), threads: int = 1) -> dict:
     """Train (unless the run's own model is that long) and score one run, on this process's threads."""
     done = out / "result.json"
     if done.exists():
         return json.loads(done.read_text())
     out.mkdir(parents=True, exist_ok=True)
+    (out / "settings.json").write_text(json.dumps(settings(steps, threads, overrides)) + "\n")
     model = run / "runs" / job["key"] / "model" if job["own"] else out / "model"
     curve_file, train_s = model / "val_curve.json", None
     curve = json.loads(curve_file.read_text()) if curve_file.exists() else None
@@ -96,7 +99,7 @@ def one(run: Path, record: dict, job: dict, out: Path, steps: int, overrides: li
         curve = json.loads(curve_file.read_text())
     result = {"key": job["key"], "method": job["method"], "seed": job["seed"], "steps": curve["final_step"],
               "best_val_loss": round(min(curve["val_loss"]), 4), "model": str(model), "trained": not job["own"],
-              "train_seconds": train_s, "overrides": list(overrides)}  # seconds None: trained before this call
+              "train_seconds": train_s, "overrides": list(overrides), "threads": threads}  # seconds None: trained before
     for split in SPLITS:
         got = evaluate_families(run, job["key"], model, "model", None, tuple(FAMILY_BENCHMARKS), split,
                                 out=out / f"eval-{split}")
@@ -105,14 +108,29 @@ def one(run: Path, record: dict, job: dict, out: Path, steps: int, overrides: li
     return result
 
 
-def side_by_side(run: Path, out: Path, jobs: list[dict], n: int, steps: int, console, overrides: list[str] = ()) -> None:
-    """Each unfinished run in a process of its own (this script with ``--key``), ``n`` at a time, one
-    thread each; a failure stops the others (a rerun resumes what finished)."""
-    env = dict(os.environ) | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+def settings(steps: int, threads: int, overrides: list[str]) -> dict:
+    """What a run's folder under OUT is made with (``OUT/<key>/settings.json``)."""
+    return {"steps": steps, "threads": threads, "overrides": list(overrides)}
+
+
+def check_settings(out: Path, jobs: list[dict], made: dict) -> None:
+    """Refuse to resume into a run folder made with other settings: its model or scores would be mixed in."""
+    for j in jobs:
+        f = out / j["key"] / "settings.json"
+        if f.exists() and (was := json.loads(f.read_text())) != made:
+            raise SystemExit(f"{out / j['key']} was made with {was}, not {made}; give this call another --out")
+
+
+def side_by_side(run: Path, out: Path, jobs: list[dict], n: int, steps: int, console, overrides: list[str] = (),
+                 threads: int = 1) -> None:
+    """Each unfinished run in a process of its own (this script with ``--key``), ``n`` at a time,
+    ``threads`` threads each; a failure stops the others (a rerun resumes what finished)."""
+    env = dict(os.environ) | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     todo = [j for j in jobs if not (out / j["key"] / "result.json").exists()]
     try:
         processes.side_by_side([(j["key"], [sys.executable, __file__, str(run), "--methods", j["method"], "--seeds",
                                             str(j["seed"]), "--key", j["key"], "--steps", str(steps), "--out", str(out),
+                                            "--threads", str(threads),
                                             *(a for o in overrides for a in ("--set", o))],
                                  out / f"{j['key']}.log")
                                 for j in todo], n, env=env, say=lambda msg: console.print(msg, highlight=False))
@@ -152,14 +170,16 @@ def main(argv: list[str] | None = None) -> None:
                     help="Table 1's trained methods; the first two are compared")
     ap.add_argument("--steps", type=int, default=None, help="steps of every run (default: the preset's step cap)")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="Table 1 seeds (default: all the run's)")
-    ap.add_argument("--jobs", type=int, default=1, help="runs trained side by side, one thread each")
+    ap.add_argument("--jobs", type=int, default=1, help="runs trained side by side")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="threads of each run (the run's own workers train on one; 2: other rounding)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="a training override added after the run's own (repeatable); every run is trained again")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--key", default=None, help=argparse.SUPPRESS)  # one run, in a worker process
     a = ap.parse_args(argv)
-    if a.jobs < 1:
-        raise SystemExit(f"--jobs must be at least 1, got {a.jobs}")
+    if a.jobs < 1 or a.threads < 1:
+        raise SystemExit(f"--jobs and --threads must be at least 1, got {a.jobs} and {a.threads}")
     record = json.loads((a.run / "run.json").read_text())
     p = recorded_preset(record["preset"])
     steps = a.steps or p.compress_max_steps
@@ -168,15 +188,17 @@ def main(argv: list[str] | None = None) -> None:
     out = a.out or a.run / "equal-steps"
     if bad := [o for o in a.overrides if "=" not in o or o.startswith("=")]:
         raise SystemExit(f"--set takes KEY=VALUE, got {', '.join(map(repr, bad))}")
-    jobs = runs(a.run, record, a.methods, steps, a.seeds, a.overrides)
+    jobs = runs(a.run, record, a.methods, steps, a.seeds, a.overrides, a.threads)
+    check_settings(out, jobs, settings(steps, a.threads, a.overrides))
     if a.key:
-        one(a.run, record, next(j for j in jobs if j["key"] == a.key), out / a.key, steps, a.overrides)
+        one(a.run, record, next(j for j in jobs if j["key"] == a.key), out / a.key, steps, a.overrides, a.threads)
         return
     console = Console(width=None if sys.stdout.isatty() else 140)  # a log file keeps whole rows
-    side_by_side(a.run, out, jobs, a.jobs, steps, console, a.overrides)
+    side_by_side(a.run, out, jobs, a.jobs, steps, console, a.overrides, a.threads)
     results = [json.loads((out / j["key"] / "result.json").read_text()) for j in jobs]
     t = Table("run", "steps", "best val loss", "val open", "test open", "test POPE F1 r / p / a", "test MME",
-              "test MC", "train s", title=f"Table 1's runs at {steps} steps each" + (f" with {' '.join(a.overrides)}" if a.overrides else ""))
+              "test MC", "train s", title=f"Table 1's runs at {steps} steps each, {a.threads} thread(s)"
+              + (f" with {' '.join(a.overrides)}" if a.overrides else ""))
     for r in results:
         te = r["test"]
         pope = " / ".join(f"{te[f'pope_{k}']:.1f}" for k in ("random", "popular", "adversarial"))
@@ -184,7 +206,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"{te['open']:.1f}", pope, f"{te['mme']:.0f}", f"{te['mc']:.1f}",
                   "run's own" if not r["trained"] else "-" if r["train_seconds"] is None else f"{r['train_seconds']:.0f}")
     console.print(t)
-    summary = {"steps": steps, "overrides": a.overrides, "runs": results}
+    summary = {"steps": steps, "threads": a.threads, "overrides": a.overrides, "machine": machine.describe(),
+               "runs": results}
     for split in SPLITS:
         cells = summary[f"table_{split}"] = table(a.run, out, jobs, split)
         t = Table("method", *FAMILY_BENCHMARKS,

@@ -182,6 +182,26 @@ def test_pooled_stages_run_side_by_side_after_their_needs_and_a_failure_stops_th
     record = json.loads((out / "run.json").read_text())
     assert [c["jobs"] for c in record["calls"]] == [2, 2] and all(c["wall_s"] > 0.25 for c in record["calls"])
     assert record["stages"]["b1"]["threads"] >= 1 and "over 2 call(s) of `htc-vlm reproduce` (--jobs 2)" in (out / "report.md").read_text()
+    # each call records its machine; the report names it, and says so when the calls' machines differ
+    import torch
+
+    from htc_vlm.machine import describe
+
+    here = describe()
+    assert all(c["machine"] == here for c in record["calls"])
+    assert here["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and here["packages"]["torch"]
+    report = (out / "report.md").read_text()
+    assert f"Machine: {here['cpu']} ({here['cpu_capability']})" in report and "Machines differ" not in report
+    from htc_vlm.reproduce import write_report
+
+    record["calls"][1]["machine"] = here | {"cores": 64}  # another core count alone rounds nothing differently
+    write_report(out, record)
+    assert "Machine: " in (report := (out / "report.md").read_text()) and "Machines differ" not in report
+    record["calls"][0]["machine"] = here | {"cpu_capability": "AVX512"}  # resumed on another kind of CPU
+    write_report(out, record)
+    report = (out / "report.md").read_text()
+    assert "**Machines differ between the calls of this run**" in report
+    assert f"- call 1: {here['cpu']} (AVX512)" in report and f"- call 2: {here['cpu']} ({here['cpu_capability']}), 64 cores" in report
     assert main(["reproduce", "--quick", "--out", str(out), "--jobs", "0"]) == 2
 
 
@@ -778,7 +798,20 @@ def test_equal_steps_retrains_table1_runs_to_the_same_length_and_compares_them_p
              "--set", "optim.learning_rate=1e-3", "--out", str(tmp_path / "cosine")])
     assert trained[-1][-2:] == ["optim.lr_scheduler_type=cosine", "optim.learning_rate=1e-3"]
     assert f"output_dir={tmp_path / 'cosine' / 'voco-b1'}" in trained[-1]
-    assert json.loads((tmp_path / "cosine" / "equal_steps.json").read_text())["overrides"][1] == "optim.learning_rate=1e-3"
+    cosine = json.loads((tmp_path / "cosine" / "equal_steps.json").read_text())
+    assert cosine["overrides"][1] == "optim.learning_rate=1e-3" and cosine["machine"]["cpu_capability"]
+    del trained[-1], workers[-1]
+    # --threads 2 (other rounding): no run is the run's own (its workers trained on one thread); the workers
+    # get two; a folder made with other settings is not resumed into
+    assert not any(j["own"] for j in es.runs(run, record, ["voco"], 3000, threads=2))
+    es.main([str(run), "--methods", "voco", "--seeds", "0", "--threads", "2", "--out", str(tmp_path / "two")])
+    assert workers[-1] == ("voco-b1", "2") and f"output_dir={tmp_path / 'two' / 'voco-b1'}" in trained[-1]
+    assert json.loads((tmp_path / "two" / "voco-b1" / "result.json").read_text())["threads"] == 2
+    for other in (["--threads", "1"], ["--threads", "2", "--steps", "6000"]):
+        with pytest.raises(SystemExit, match=r"two/voco-b1 was made with \{'steps': 3000, 'threads': 2, .*another --out"):
+            es.main([str(run), "--methods", "voco", "--seeds", "0", "--out", str(tmp_path / "two"), *other])
+    with pytest.raises(SystemExit, match="--jobs and --threads must be at least 1, got 1 and 0"):
+        es.main([str(run), "--threads", "0"])
     del trained[-1], workers[-1]
     es.main([str(run), "--steps", "3000"])  # every run finished: no worker starts, the comparison is printed
     summary = json.loads((run / "equal-steps" / "equal_steps.json").read_text())

@@ -343,6 +343,41 @@ def test_trend_gain_reads_a_slope_through_noise():
     assert relative_gain(level, 0.2) is not None  # the best-loss test answers on the same noise
 
 
+def test_convergence_script_judges_every_prefix_of_a_curve(tmp_path):
+    """benchmarks/convergence.py: a curve with a pause in its fall is flat first where the pause fills the
+    window (an early stop would fire there) and flat for good only once the fall has ended; a curve still
+    falling is never flat; each best-so-far is put against the whole curve's best."""
+    from helpers import benchmark_script
+
+    cv = benchmark_script("convergence")
+
+    def paused(s):  # falls to 0.8 by step 800, pauses to 1,400, falls again to 0.5 at 2,600, then level
+        return 1 - s / 4000 if s < 800 else 0.8 if s <= 1400 else max(0.5, 0.8 - (s - 1400) / 4000)
+
+    curve = [(s, paused(s)) for s in range(100, 4100, 100)]
+    r = cv.judge(curve, 0.2, [2000, 3000, 6000], start=500)
+    # 1,000: the window's start (800) reaches the pause; 3,300: its start (2,640) is past the fall (2,600)
+    assert (r["first_flat"], r["flat_from"], r["flat_at_end"], r["final_step"]) == (1000, 3300, True, 4000)
+    assert r["above_best_pct"] == {2000: 30.0, 3000: 0.0} and not r["falling_at_end"]
+    falling = [(s, 1 - s / 8000) for s in range(100, 4100, 100)]
+    f = cv.judge(falling, 0.2, [3000], start=500)
+    assert (f["first_flat"], f["flat_from"], f["flat_at_end"], f["falling_at_end"]) == (None, None, False, True)
+    for name, c in (("paused", curve), ("falling", falling)):
+        (tmp_path / name / "model").mkdir(parents=True)
+        (tmp_path / name / "model" / "val_curve.json").write_text(json.dumps(
+            {"steps": [s for s, _ in c], "val_loss": [v for _, v in c], "window": 0.2}))
+    cv.main([str(tmp_path / "paused" / "model"), str(tmp_path / "falling" / "model" / "val_curve.json"),
+             "--from", "500", "--at", "3000", "--out", str(tmp_path / "c.json")])
+    got = json.loads((tmp_path / "c.json").read_text())
+    assert got[str(tmp_path / "paused" / "model")]["flat_from"] == 3300
+    assert got[str(tmp_path / "falling" / "model")]["above_best_pct"] == {"3000": 25.0}  # 0.625 against 0.5
+    with pytest.raises(SystemExit, match="no val_curve.json"):
+        cv.main([str(tmp_path)])
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(SystemExit, match="bad.json: not a validation curve"):
+        cv.main([str(tmp_path / "bad.json")])
+
+
 def test_compress_run_stops_when_its_validation_loss_is_flat(instructed):
     """A tolerance no run can miss stops at the first evaluation that has two before its window; the
     saved curve says where and why; a tolerance of 0 runs to the cap and is flagged not flat."""
@@ -357,6 +392,13 @@ def test_compress_run_stops_when_its_validation_loss_is_flat(instructed):
     assert main(["train", "--config", "tiny", *train_args(run, "compress", "cap", *common)]) == 0
     capped = json.loads((run / "cap" / "model" / "val_curve.json").read_text())
     assert capped["final_step"] == 12 and len(capped["val_loss"]) == 12
+    # at a constant rate after warm-up a longer run passes through a shorter one exactly (benchmarks/
+    # convergence.py reads one long curve for every length): 12 steps warm up ceil(0.05 * 12) = 1 step, and
+    # warmup_ratio >= 1 counts steps, so this 6-step run is the 12-step run's first half
+    assert main(["train", "--config", "tiny", *train_args(run, "compress", "half", *common, "optim.max_steps=6",
+                                                          "optim.warmup_ratio=1")]) == 0
+    half = json.loads((run / "half" / "model" / "val_curve.json").read_text())
+    assert half["steps"] == capped["steps"][:6] and half["val_loss"] == capped["val_loss"][:6]
     with pytest.raises(HTCError, match="stop_when_flat needs optim.eval_steps"):
         load_config("tiny", ["stage=compress", "optim.stop_when_flat=0.01"])
     with pytest.raises(HTCError, match="eval_steps needs data.val_conversations"):

@@ -334,7 +334,22 @@ def _provenance_section(out: Path, record: dict, rows: _Rows) -> tuple[list[str]
     calls = record.get("calls", [])
     wall = (f"; wall time {sum(c['wall_s'] for c in calls) / 60:.1f} min over {len(calls)} call(s) of "
             f"`htc-vlm reproduce` (--jobs {', '.join(sorted({str(c['jobs']) for c in calls}))})") if calls else ""
-    return lines + ["", f"Total stage time: {total / 60:.1f} min{wall}."], {}
+    return lines + ["", f"Total stage time: {total / 60:.1f} min{wall}.", *_machines(calls)], {}
+
+
+def _machines(calls: list[dict]) -> list[str]:
+    """Where the run's calls computed: one line, or each call's and a warning when they differ in what
+    decides the numbers (CPU, kernels, GPU, versions; htc_vlm/machine.py)."""
+    from .machine import arithmetic, summary
+
+    seen = [c["machine"] for c in calls if "machine" in c]
+    if not seen:
+        return []
+    if all(arithmetic(m) == arithmetic(seen[0]) for m in seen):
+        return ["", f"Machine: {summary(seen[-1])}."]
+    return ["", "**Machines differ between the calls of this run**: stages of different calls were computed with "
+            "other kernels or versions, so they round differently and a rerun elsewhere may not repeat them.", "",
+            *(f"- call {i}: {summary(c['machine'])}" for i, c in enumerate(calls, 1) if "machine" in c)]
 
 
 def _by_template(out: Path, key: str, one_object: bool = False) -> dict:

@@ -32,6 +32,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+from . import machine
 from .errors import HTCError
 from .io import atomic_dir, atomic_write_bytes
 from .progress import LiveStatus
@@ -742,7 +743,8 @@ def run(out: Path, preset: str = "tiny", quick: bool = False, only: list[str] | 
     def ready(stage: Stage) -> bool:  # a need not selected in this call is taken as given (--only)
         return not any(n in waiting_for for n in stage.needs)
 
-    call = {"jobs": jobs, "wall_s": 0.0}  # this call's wall time, kept up to date for the report
+    # this call's wall time, kept up to date for the report, and what it computes on (htc_vlm/machine.py)
+    call = {"jobs": jobs, "wall_s": 0.0, "machine": machine.describe()}
     if pending:
         record.setdefault("calls", []).append(call)
     running: dict = {}  # future -> (stage, start time, log file)

@@ -77,7 +77,7 @@ class OptimSpec:
     max_steps: int = -1
     per_device_train_batch_size: int = 16
     gradient_accumulation_steps: int = 1
-    warmup_ratio: float = 0.03
+    warmup_ratio: float = 0.03  # a share of the steps; >= 1: that many steps (transformers reads both so)
     lr_scheduler_type: str = "cosine"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0

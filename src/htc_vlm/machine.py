@@ -20,14 +20,21 @@ PACKAGES = ("torch", "transformers", "accelerate", "vector-quantize-pytorch", "t
 
 
 def _cpu_model() -> str:
+    """The first processor's name and, where the name is vague (a cloud's "AMD EPYC"), its family and model."""
+    info = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break  # the first processor is enough
+                key, _, value = line.partition(":")
+                info[key.strip()] = value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    if "model name" not in info:
+        return platform.processor() or platform.machine()
+    generation = f" (family {info['cpu family']} model {info['model']})" if "cpu family" in info and "model" in info else ""
+    return info["model name"] + generation
 
 
 def describe() -> dict:

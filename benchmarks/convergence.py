@@ -12,7 +12,7 @@ judges each prefix of each curve (every evaluation from ``--from`` on) and print
 - the trend at the end (``trend_gain``, the report's second opinion) and whether it resolves a fall;
 - at each of ``--at`` step counts, how far the best loss so far is above the whole curve's best (%).
 
-    python benchmarks/convergence.py RUN/steps-20000/htc-b1/model RUN/steps-20000/voco-b1/model [--at 3000 6000]
+    python benchmarks/convergence.py RUN/steps-10000/htc-b1/model RUN/steps-10000/voco-b1/model [--at 3000 6000]
         [--from 1000] [--out convergence.json] [--plot convergence.png]
 
 Each argument is a model folder (or its ``val_curve.json``) that ``htc-vlm train`` wrote with
@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--plot", type=Path, default=None, help="plot the curves and where each became flat for good")
     a = ap.parse_args(argv)
     names = [str(p.parent if p.name == "val_curve.json" else p) for p in a.curves]
+    short = {n: "/".join(Path(n).parts[-2:]) for n in names}  # RUN/.../htc-b1/model -> htc-b1/model
     read = [read_curve(p) for p in a.curves]
     results = {n: judge(c, w, a.at, a.start) for n, (c, w) in zip(names, read)}
     console = Console(width=None if sys.stdout.isatty() else 160)
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
               title=f"issue 14's rule (best loss of the last 20% of steps improves < {FLAT_TOLERANCE:.0%}) on every prefix")
     for n, r in results.items():
         tg = r["trend_gain"]
-        t.add_row("/".join(Path(n).parts[-2:]), str(r["final_step"]), f"{r['best_loss']:.4f}", "yes" if r["flat_at_end"] else "no",
+        t.add_row(short[n], str(r["final_step"]), f"{r['best_loss']:.4f}", "yes" if r["flat_at_end"] else "no",
                   str(r["first_flat"] or "-"), str(r["flat_from"] or "-"),
                   "-" if tg is None else f"{100 * tg[0]:+.1f}% +- {100 * tg[1]:.1f}" + (" falling" if r["falling_at_end"] else ""),
                   *(f"{r['above_best_pct'][s]:.1f}" if s in r["above_best_pct"] else "-" for s in a.at))
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
 
         fig, ax = plt.subplots(figsize=(8, 4.5))
         for n, (c, _) in zip(names, read):
-            line, = ax.plot([s for s, _ in c], [v for _, v in c], lw=1, label=Path(n).parent.name or n)
+            line, = ax.plot([s for s, _ in c], [v for _, v in c], lw=1, label=short[n])
             if (s := results[n]["flat_from"]) is not None:
                 ax.axvline(s, color=line.get_color(), ls=":", lw=1)
         ax.set_xlabel("step")

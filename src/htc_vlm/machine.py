@@ -37,6 +37,11 @@ def _cpu_model() -> str:
     return info["model name"] + generation
 
 
+def cores() -> int:
+    """The cores this process may run on (its affinity where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def describe() -> dict:
     """This process's machine: CPU model and the instruction set torch's CPU kernels use, usable cores,
     GPU (or None), Python and the versions of :data:`PACKAGES` (None where not installed)."""
@@ -48,8 +53,7 @@ def describe() -> dict:
         except PackageNotFoundError:
             return None
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return {"cpu": _cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores": cores,
+    return {"cpu": _cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores": cores(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "python": platform.python_version(), "packages": {p: ver(p) for p in PACKAGES}}
 

@@ -648,7 +648,7 @@ def default_jobs() -> int:
     """Stages run side by side by default: one per core (at most 8), each on one thread. Small models
     use a core better alone: on 2 cores, two one-thread compression runs train 1.6x the steps per
     second of one two-thread run (measured in session 5, docs/LOG.md)."""
-    return min(8, _cores())
+    return min(8, machine.cores())
 
 
 def run(out: Path, preset: str = "tiny", quick: bool = False, only: list[str] | None = None, console=None,
@@ -707,7 +707,7 @@ def run(out: Path, preset: str = "tiny", quick: bool = False, only: list[str] | 
         else:
             pending.append(stage)
     waiting_for = {s.name for s in pending}
-    threads = max(1, _cores() // jobs)
+    threads = max(1, machine.cores() // jobs)
     t_start, spent = time.perf_counter(), []
     live = LiveStatus(len(pending), t_start)
     console, display = _live_console(console, live) if pending else (console, None)
@@ -810,10 +810,6 @@ def run(out: Path, preset: str = "tiny", quick: bool = False, only: list[str] | 
     write_report(out, record)
     _say(console, f"report: {out / 'report.md'}")
     return record
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _torch_threads() -> int:

@@ -10,6 +10,7 @@ import torch
 from helpers import benchmark_script
 
 from htc_vlm.cli import main
+from htc_vlm.errors import HTCError
 
 
 def test_reproduce_records_stages_resumes_and_refuses_another_preset(tmp_path, capsys):
@@ -92,17 +93,22 @@ def test_report_tables_retention_and_per_template(tmp_path):
     record["stages"]["train/htc-b1"]["val_curve"]["final_step"] = 300
     assert "HTC's runs trained 300 steps and VoCo's 300: equal training." in render(tmp_path, record)[0]
     record["stages"]["train/htc-b1"]["val_curve"]["final_step"] = 3000
-    assert "| voco-b1 | 300 | 0.4990 | 0.20% | yes |  |" in text and "Not flat (stopped by the step cap): htc-b1" in text
+    assert "| voco-b1 | 300 | 300 | 0.4990 | 0.20% | yes |  |" in text and "Not flat (stopped by the step cap): htc-b1" in text
     falling = {"steps": list(range(100, 1100, 100)), "val_loss": [1.0 - 0.0001 * s for s in range(100, 1100, 100)]}
     record["stages"]["train/qformer-b1"] = {"status": "done", "val_curve": curve | falling | {"final_step": 1000}}
     text, _ = render(tmp_path, record)
-    assert "| qformer-b1 | 1000 | 0.9000 | 0.20% | yes | +2.2% ± 0.0 |" in text
+    assert "| qformer-b1 | 1000 | 1000 | 0.9000 | 0.20% | yes | +2.2% ± 0.0 |" in text
     assert "Still falling by the trend (more than 1% by two standard errors): qformer-b1." in text
     assert "stops once the best loss of the last 20% of its steps improved by less than 1%" in text  # an old record
     record["preset"] |= {"compress_early_stop": False, "compress_max_steps": 3000}  # every run to the same step
     text, _ = render(tmp_path, record)
     assert "Each run trains 3000 steps, evaluating its loss" in text and "stops once" not in text
-    assert "**Not flat: htc-b1.**" in text
+    assert "**Not flat: htc-b1.**" in text and "lowest validation loss" not in text
+    record["preset"]["compress_keep_best"] = True  # each run keeps its best checkpoint: the table says which
+    record["stages"]["train/voco-b1"]["val_curve"]["kept_step"] = 200
+    text, _ = render(tmp_path, record)
+    assert "Each run's model is the checkpoint of its lowest validation loss" in text
+    assert "| voco-b1 | 300 | 200 | 0.4990 |" in text
     assert (tmp_path / "val_curves.png").exists()
 
 
@@ -274,7 +280,13 @@ def test_a_compression_stage_asks_for_a_converged_run(tmp_path, monkeypatch):
     assert seen["stage"] == "compress" and seen["method"] == "htc" and seen["out"] == "runs/htc-b1-s1"
     # the tiny preset trains every run the same number of steps; a run folder from before stopped early
     assert {"optim.max_steps=3000", "optim.seed=1"} <= set(seen["extra"]) and p.compress_max_steps == 3000
-    assert not any(x.startswith(("optim.stop_when_flat", "optim.min_steps")) for x in seen["extra"])
+    assert not any(x.startswith(("optim.stop_when_flat", "optim.min_steps", "optim.keep_best")) for x in seen["extra"])
+    longer = rp.get_preset("tiny", False, mc_form="letter", lookups=0, letter_epochs=0, compress_steps=7500,
+                           keep_best=True)  # --compress-steps 7500 --keep-best
+    rp._train_experiment(e)(tmp_path, longer)
+    assert {"optim.max_steps=7500", "optim.keep_best=true"} <= set(seen["extra"])
+    with pytest.raises(HTCError, match="--compress-steps must be at least 1"):
+        rp.get_preset("tiny", False, compress_steps=0)
     older = rp.recorded_preset({k: v for k, v in rp.asdict(p).items() if k != "compress_early_stop"})
     rp._train_experiment(e)(tmp_path, older)
     for want in ("optim.stop_when_flat=0.01", f"optim.min_steps={p.compress_min_steps}",
@@ -830,7 +842,6 @@ def test_side_by_side_runs_real_processes_with_their_env_and_names_the_one_that_
     named with its log, and the job still running beside it stopped."""
     import sys
 
-    from htc_vlm.errors import HTCError
     from htc_vlm.processes import side_by_side
 
     py = lambda code: [sys.executable, "-c", code]  # noqa: E731

@@ -405,6 +405,38 @@ def test_compress_run_stops_when_its_validation_loss_is_flat(instructed):
         load_config("tiny", ["stage=compress", "optim.eval_steps=5"])
 
 
+def test_keep_best_saves_the_checkpoint_of_the_lowest_validation_loss(instructed):
+    """With optim.keep_best the final model is the weights of the evaluation with the lowest loss, not
+    the last step's. Training teaches one answer ("4") to a question whose validation answer is another
+    ("5"): the validation loss falls while the model learns that a digit answers, then rises far above its
+    low as it learns which digit, so the last step is not the best (here 3.16 at step 3, 4.31 at step 6)."""
+    run = instructed
+    rec = json.loads((run / "scenes" / "val" / "conversations.json").read_text())[0]
+    rec["conversations"][1]["value"] = "4"
+    (run / "answer-4.json").write_text(json.dumps([rec] * 6))
+    rec["conversations"][1]["value"] = "5"
+    (run / "answer-5.json").write_text(json.dumps([rec]))
+    common = [f"model.init={run / 'instruct' / 'model'}", "model.compression=voco",
+              f"data.conversations={run / 'answer-4.json'}", f"data.val_conversations={run / 'answer-5.json'}",
+              "optim.eval_steps=1", "optim.max_steps=6", "optim.learning_rate=0.005", "optim.warmup_ratio=0",
+              "optim.save_total_limit=2", "data.pack_by_image=false"]
+    assert main(["train", "--config", "tiny", *train_args(run, "compress", "best", *common, "optim.keep_best=true")]) == 0
+    curve = json.loads((run / "best" / "model" / "val_curve.json").read_text())
+    losses = dict(zip(curve["steps"], curve["val_loss"]))
+    assert curve["steps"] == [1, 2, 3, 4, 5, 6] and curve["final_step"] == 6
+    assert curve["kept_step"] == min(losses, key=losses.get) < 6, losses
+    kept = load_file(run / "best" / "model" / "model.safetensors")
+    at_best = load_file(run / "best" / f"checkpoint-{curve['kept_step']}" / "model.safetensors")
+    last = load_file(run / "best" / "checkpoint-6" / "model.safetensors")  # rotation keeps the best and the last
+    assert all(torch.equal(kept[k], at_best[k]) for k in kept)
+    assert not all(torch.equal(kept[k], last[k]) for k in kept)
+    assert main(["train", "--config", "tiny", *train_args(run, "compress", "last", *common)]) == 0
+    plain = json.loads((run / "last" / "model" / "val_curve.json").read_text())
+    assert plain["val_loss"] == curve["val_loss"] and plain["kept_step"] == 6  # keep_best changes only what is kept
+    with pytest.raises(HTCError, match="keep_best needs optim.eval_steps"):
+        load_config("tiny", ["stage=compress", "optim.keep_best=true"])
+
+
 def test_the_image_normalisation_is_saved_with_the_model_and_used_everywhere(instructed, tmp_path, capsys):
     """A model trained on CLIP-normalised pixels records it; eval / compress / ask feed it the same
     pixels without being told, and refuse another normalisation."""

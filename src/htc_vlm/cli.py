@@ -478,6 +478,11 @@ def reproduce(
     text_lookups: Annotated[int | None, typer.Option(help="Text-only lookup questions per training image that every "
         "base's align stage also trains on, so its language model learns to find an option's letter from its text "
         "(0-32; default: the preset's, 0).")] = None,
+    compress_steps: Annotated[int | None, typer.Option(help="Steps of every compression run (Tables 1, 2, 4; "
+                                                            "default: the preset's; tiny: 3,000).")] = None,
+    keep_best: Annotated[bool | None, typer.Option(
+        "--keep-best/--keep-last", help="Each compression run keeps the checkpoint of its lowest validation loss "
+        "instead of its last step's (default: the preset's; tiny: the last).")] = None,
 ) -> None:
     """Run the paper's pipeline on the embedded default, stage by stage, resuming where it stopped."""
     from .reproduce import default_jobs, run
@@ -485,7 +490,8 @@ def reproduce(
     run(out, preset=preset, quick=quick, only=only, console=console, seeds=seeds,
         jobs=default_jobs() if jobs is None else jobs, base_per_seed=base_per_seed, mc_form=mc_form,
         lookups=lookups, instruct_epochs=instruct_epochs, mme_pairs=mme_pairs, letter_epochs=letter_epochs,
-        replay_verification=replay_verification, text_lookups=text_lookups, align_epochs=align_epochs)
+        replay_verification=replay_verification, text_lookups=text_lookups, align_epochs=align_epochs,
+        compress_steps=compress_steps, keep_best=keep_best)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -130,21 +130,24 @@ def _convergence_section(out: Path, record: dict, rows: "_Rows | None" = None) -
            f"Each run trains {p.compress_max_steps} steps, evaluating its loss on the validation "
            f"conversations; it is flat when {flat}. No run stops early: the test reads noise, and stopping on it "
            "gave the methods unequal training (docs/LOG.md, session 32).")
+    if p.compress_keep_best:
+        how += (" Each run's model is the checkpoint of its lowest validation loss (the table's 'kept' step), "
+                "not its last step's.")
     lines = ["## Convergence of the compression runs", "", how, "",
              "![validation curves](val_curves.png)", "",
              "The best-loss test reads noise (one evaluation moves 1-4% from the next), so the table also gives "
              "the gain a least-squares line through the evaluations of the last "
              f"{200 * rule['window']:.0f}% of the steps predicts over the same window, with its "
              "standard error (training/plateau.py, `trend_gain`).", "",
-             "| run | steps | best val loss | gain over the last window | flat | trend over the last window |",
-             "|---|---|---|---|---|---|"]
+             "| run | steps | kept | best val loss | gain over the last window | flat | trend over the last window |",
+             "|---|---|---|---|---|---|---|"]
     falling = []
     for k, c in runs.items():
         gain = c["relative_gain_last_window"]
         trend = trend_gain(list(zip(c["steps"], c["val_loss"])), c["window"])
         if is_falling(trend, c["tolerance"]):
             falling.append(k)
-        lines.append(f"| {k} | {c['final_step']} | {min(c['val_loss']):.4f} | "
+        lines.append(f"| {k} | {c['final_step']} | {c.get('kept_step', c['final_step'])} | {min(c['val_loss']):.4f} | "
                      f"{'' if gain is None else f'{100 * gain:.2f}%'} | {'yes' if c['flat'] else '**no**'} | "
                      f"{'' if trend is None else f'{100 * trend[0]:+.1f}% ± {100 * trend[1]:.1f}'} |")
     if capped:
@@ -426,10 +429,13 @@ def _plot_val_curves(out: Path, runs: dict) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
     for k, c in runs.items():
-        ax.plot(c["steps"], c["val_loss"], label=k, lw=1.2, ls="-" if c["flat"] else "--")
+        line, = ax.plot(c["steps"], c["val_loss"], label=k, lw=1.2, ls="-" if c["flat"] else "--")
+        kept = c.get("kept_step", c["final_step"])
+        if kept != c["final_step"] and kept in c["steps"]:  # the model kept is not the last step's
+            ax.plot(kept, c["val_loss"][c["steps"].index(kept)], "o", ms=4, color=line.get_color())
     ax.set_xlabel("training step")
     ax.set_ylabel("validation loss")
-    ax.set_title("Compression runs: validation loss (dashed: not flat)")
+    ax.set_title("Compression runs: validation loss (dashed: not flat; dot: the model kept)")
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(out / "val_curves.png", dpi=120)

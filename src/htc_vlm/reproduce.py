@@ -77,6 +77,10 @@ class RunPreset:
     compress_min_steps: int = 1500
     compress_early_stop: bool = True
     compress_val_items: int = 96  # packed validation images per evaluation (fewer: too noisy for a 1% test)
+    # Each compression run's model is the checkpoint of its lowest validation loss instead of its last step's
+    # (optim.keep_best). Off in the presets: at seed 0 the loss had its floor near 6,000 steps and rose after
+    # (docs/LOG.md, session 35); with --compress-steps past the floor this keeps the floor's model.
+    compress_keep_best: bool = False
     seeds: tuple[int, ...] = (0, 1, 2)  # Table 1 (every one-token method); --seeds N extends them
     # Table 1's seed s > 0 also trains its own base (align + instruct with seed s, same scenes, tower and
     # tokenizer), compresses from it, and the bounds are evaluated on each seed's base: the intervals
@@ -128,7 +132,8 @@ def get_preset(name: str, quick: bool, seeds: int | None = None, base_per_seed: 
                mc_form: str | None = None, lookups: int | None = None,
                instruct_epochs: float | None = None, mme_pairs: int | None = None,
                letter_epochs: float | None = None, replay_verification: bool | None = None,
-               text_lookups: int | None = None, align_epochs: float | None = None) -> RunPreset:
+               text_lookups: int | None = None, align_epochs: float | None = None,
+               compress_steps: int | None = None, keep_best: bool | None = None) -> RunPreset:
     key = f"{name}-quick" if quick else name
     if key not in PRESETS:
         raise HTCError(f"unknown preset {name!r}{' with --quick' if quick else ''}; known: "
@@ -151,6 +156,12 @@ def get_preset(name: str, quick: bool, seeds: int | None = None, base_per_seed: 
             if not epochs > 0:
                 raise HTCError(f"--{stage}-epochs must be positive, got {epochs}")
             p = replace(p, **{f"{stage}_epochs": epochs})
+    if compress_steps is not None:
+        if compress_steps < 1:
+            raise HTCError(f"--compress-steps must be at least 1, got {compress_steps}")
+        p = replace(p, compress_max_steps=compress_steps)
+    if keep_best is not None:
+        p = replace(p, compress_keep_best=keep_best)
     if mme_pairs is not None:
         from .data.scenes import check_question_counts
 
@@ -417,7 +428,8 @@ def compress_overrides(root: Path, preset: RunPreset, init: Path, seed: int, max
     stop = [f"optim.stop_when_flat={FLAT_TOLERANCE}", f"optim.min_steps={preset.compress_min_steps}"] if early_stop else []
     return [f"model.init={init}", f"data.conversations={sc / 'train' / conv}", f"data.val_conversations={sc / 'val' / conv}",
             f"data.val_items={preset.compress_val_items}", f"optim.max_steps={max_steps or preset.compress_max_steps}",
-            f"optim.eval_steps={preset.compress_eval_steps}", *stop, f"optim.seed={seed}"]
+            f"optim.eval_steps={preset.compress_eval_steps}", *stop, f"optim.seed={seed}",
+            *(["optim.keep_best=true"] if preset.compress_keep_best else [])]
 
 
 def _train_experiment(e: Experiment) -> Callable:
@@ -655,13 +667,14 @@ def run(out: Path, preset: str = "tiny", quick: bool = False, only: list[str] | 
         seeds: int | None = None, jobs: int = 1, base_per_seed: bool | None = None, mc_form: str | None = None,
         lookups: int | None = None, instruct_epochs: float | None = None, mme_pairs: int | None = None,
         letter_epochs: float | None = None, replay_verification: bool | None = None,
-        text_lookups: int | None = None, align_epochs: float | None = None) -> dict:
+        text_lookups: int | None = None, align_epochs: float | None = None, compress_steps: int | None = None,
+        keep_best: bool | None = None) -> dict:
     """Run (or resume) every stage of ``preset`` into ``out``; return the run record. ``seeds`` trains
     Table 1 with seeds 0..seeds-1 (default: the preset's); it may grow on an existing run. ``jobs``
     pooled stages (training and evaluating the compression runs) run at once in worker processes,
     each on cores // jobs threads; the base model's stages run one at a time on every core."""
     p = get_preset(preset, quick, seeds, base_per_seed, mc_form, lookups, instruct_epochs, mme_pairs, letter_epochs,
-                   replay_verification, text_lookups, align_epochs)
+                   replay_verification, text_lookups, align_epochs, compress_steps, keep_best)
     if jobs < 1:
         raise HTCError(f"--jobs must be at least 1, got {jobs}")
     todo = stages(p)

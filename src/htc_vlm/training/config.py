@@ -98,6 +98,10 @@ class OptimSpec:
     stop_when_flat: float = 0.0
     flat_window: float = 0.2
     min_steps: int = 0
+    # keep_best: the final model is the checkpoint of the lowest validation loss, not the last step's
+    # (HF's load_best_model_at_end on eval_loss; needs eval_steps). A checkpoint is then saved at every
+    # evaluation (save_steps is eval_steps), and the best one outlives save_total_limit's rotation.
+    keep_best: bool = False
 
 
 PARTS = {  # names for model.trainable -> parameter-name prefixes
@@ -129,6 +133,8 @@ class TrainConfig:
             raise HTCError("optim.eval_steps needs data.val_conversations (the validation conversations)")
         if self.optim.stop_when_flat and not self.optim.eval_steps:
             raise HTCError("optim.stop_when_flat needs optim.eval_steps > 0 (a validation curve to watch)")
+        if self.optim.keep_best and not self.optim.eval_steps:
+            raise HTCError("optim.keep_best needs optim.eval_steps > 0 (a validation loss to choose by)")
         if not 0 < self.optim.flat_window < 1:
             raise HTCError(f"optim.flat_window must be between 0 and 1, got {self.optim.flat_window}")
         if self.stage not in STAGES:

@@ -104,13 +104,16 @@ def training_arguments(cfg: TrainConfig, **extra) -> TrainingArguments:
         lr_scheduler_type=o.lr_scheduler_type,
         train_sampling_strategy="group_by_length" if o.group_by_length else "random", weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm,
         bf16=o.bf16, deepspeed=deepspeed_path(o.deepspeed),
-        logging_steps=o.logging_steps, save_strategy="steps", save_steps=o.save_steps,
+        logging_steps=o.logging_steps, save_strategy="steps",
+        save_steps=o.eval_steps if o.keep_best else o.save_steps,
         save_total_limit=o.save_total_limit, seed=o.seed, data_seed=o.seed,
         dataloader_num_workers=o.dataloader_num_workers, dataloader_pin_memory=not cpu, use_cpu=cpu,
         remove_unused_columns=False, report_to=[], ddp_find_unused_parameters=False,
         disable_tqdm=not _rank0(), **({"activation_checkpointing": True} if o.gradient_checkpointing else {}),
         **({"eval_strategy": "steps", "eval_steps": o.eval_steps, "prediction_loss_only": True,
-            "per_device_eval_batch_size": o.per_device_train_batch_size} if o.eval_steps else {}), **extra,
+            "per_device_eval_batch_size": o.per_device_train_batch_size} if o.eval_steps else {}),
+        **({"load_best_model_at_end": True, "metric_for_best_model": "eval_loss", "greater_is_better": False}
+           if o.keep_best else {}), **extra,
     )
 
 
@@ -213,14 +216,21 @@ def _finish(trainer: Trainer, cfg: TrainConfig, save) -> Path:
             (tmp / "train_config.yaml").write_text(cfg.to_yaml())
             curve = val_curve(trainer.state.log_history)
             if curve:  # the validation curve, and whether it had flattened (training/plateau.py)
-                o = cfg.optim
+                o, st = cfg.optim, trainer.state
                 (tmp / "val_curve.json").write_text(json.dumps({
                     "steps": [s for s, _ in curve], "val_loss": [v for _, v in curve],
-                    "final_step": trainer.state.global_step, "flat": is_flat(curve, o.stop_when_flat or FLAT_TOLERANCE, o.flat_window),
+                    "final_step": st.global_step, "kept_step": kept_step(st) if o.keep_best else st.global_step,
+                    "flat": is_flat(curve, o.stop_when_flat or FLAT_TOLERANCE, o.flat_window),
                     "relative_gain_last_window": relative_gain(curve, o.flat_window), "window": o.flat_window,
                     "tolerance": o.stop_when_flat or FLAT_TOLERANCE}, indent=1) + "\n")
     trainer.accelerator.wait_for_everyone()
     return out
+
+
+def kept_step(state) -> int:
+    """The step whose weights ``load_best_model_at_end`` put back (the last step's where it found none)."""
+    best = state.best_model_checkpoint
+    return int(Path(best).name.rsplit("-", 1)[1]) if best else state.global_step
 
 
 def _train_vision(cfg: TrainConfig, callbacks) -> Path:

@@ -78,8 +78,9 @@ class RunPreset:
     compress_early_stop: bool = True
     compress_val_items: int = 96  # packed validation images per evaluation (fewer: too noisy for a 1% test)
     # Each compression run's model is the checkpoint of its lowest validation loss instead of its last step's
-    # (optim.keep_best). Off in the presets: at seed 0 the loss had its floor near 6,000 steps and rose after
-    # (docs/LOG.md, session 35); with --compress-steps past the floor this keeps the floor's model.
+    # (optim.keep_best). Off in the presets: the lowest evaluation came at 5,800-7,300 steps over two seeds,
+    # seed 0's loss rose after it and seed 1's did not by 8,000, and on 96 validation images the lowest point
+    # is partly noise (docs/LOG.md, sessions 35-36). --compress-steps 7500 --keep-best runs that recipe.
     compress_keep_best: bool = False
     seeds: tuple[int, ...] = (0, 1, 2)  # Table 1 (every one-token method); --seeds N extends them
     # Table 1's seed s > 0 also trains its own base (align + instruct with seed s, same scenes, tower and

@@ -91,7 +91,12 @@ def last_checkpoint(output_dir: str | Path) -> str | None:
     if not folder.is_dir():
         return None
     done = [p for p in folder.glob("checkpoint-*") if (p / MARKER).exists() and re.fullmatch(r"checkpoint-\d+", p.name)]
-    return str(max(done, key=lambda p: int(p.name.split("-")[1]))) if done else None
+    return str(max(done, key=checkpoint_step)) if done else None
+
+
+def checkpoint_step(folder: str | Path) -> int:
+    """N of a Trainer checkpoint folder ``checkpoint-N``."""
+    return int(Path(folder).name.rsplit("-", 1)[1])
 
 
 def training_arguments(cfg: TrainConfig, **extra) -> TrainingArguments:
@@ -219,7 +224,7 @@ def _finish(trainer: Trainer, cfg: TrainConfig, save) -> Path:
                 o, st = cfg.optim, trainer.state
                 (tmp / "val_curve.json").write_text(json.dumps({
                     "steps": [s for s, _ in curve], "val_loss": [v for _, v in curve],
-                    "final_step": st.global_step, "kept_step": kept_step(st) if o.keep_best else st.global_step,
+                    "final_step": st.global_step, "kept_step": kept_step(st),
                     "flat": is_flat(curve, o.stop_when_flat or FLAT_TOLERANCE, o.flat_window),
                     "relative_gain_last_window": relative_gain(curve, o.flat_window), "window": o.flat_window,
                     "tolerance": o.stop_when_flat or FLAT_TOLERANCE}, indent=1) + "\n")
@@ -228,9 +233,10 @@ def _finish(trainer: Trainer, cfg: TrainConfig, save) -> Path:
 
 
 def kept_step(state) -> int:
-    """The step whose weights ``load_best_model_at_end`` put back (the last step's where it found none)."""
+    """The step of the final weights: the checkpoint ``load_best_model_at_end`` put back (HF records one
+    only with ``optim.keep_best``), else the last step."""
     best = state.best_model_checkpoint
-    return int(Path(best).name.rsplit("-", 1)[1]) if best else state.global_step
+    return checkpoint_step(best) if best else state.global_step
 
 
 def _train_vision(cfg: TrainConfig, callbacks) -> Path:
